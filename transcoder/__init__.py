@@ -1,0 +1,1 @@
+"""Audio decoding, the whisper.cpp process pool, transcript formats and the model registry."""

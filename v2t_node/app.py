@@ -1,0 +1,172 @@
+"""The node: every component, wired in one place, started in dependency order and closed in reverse."""
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from cache.store import LocalStore, ObjectStore
+from scheduler.intake import Intake
+from scheduler.keys import Keys
+from scheduler.queue import JobQueue
+from scheduler.runner import Runner
+from scheduler.worker import Worker
+from transcoder.pool import TranscriberPool
+from transcoder.registry import ModelRegistry
+
+from . import __version__, notify
+from .api import make_app
+from .config import Config
+from .embedded import EmbeddedRedis
+from .errors import StartupError
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """One v2t node: API, queue, worker, pool, store, and (unconfigured) its embedded Redis."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.metrics = Metrics()
+        self.embedded: EmbeddedRedis | None = None
+        self.redis: aioredis.Redis | None = None
+        self.store: ObjectStore = LocalStore(config.storage_dir)
+        self.models = ModelRegistry(config.models_dir, base_url=config.models.base_url)
+        self.pool: TranscriberPool | None = None
+        self.queue: JobQueue | None = None
+        self.intake: Intake | None = None  # type: ignore[assignment]
+        self.worker: Worker | None = None
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.url = ""
+        self.started_at: float | None = None
+
+    async def start(self) -> None:
+        """Starts everything, in dependency order; on failure, closes what was started and re-raises."""
+        t0 = time.monotonic()
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        self.started_at = time.time()
+        log.info("node %s ready in %.2fs: api %s, redis %s, store %s, pool %d x %d threads",
+                 self.node_id, time.monotonic() - t0, self.url, self.redis_url, self.store,
+                 self.pool.size if self.pool else 0, self.pool.threads if self.pool else 0)
+        notify.ready(f"serving on {self.url}")
+
+    async def _start(self) -> None:
+        c = self.config
+        # 1. State directory.
+        c.data_dir.mkdir(parents=True, exist_ok=True)
+        # 2. Redis: the configured server, or our own embedded one.
+        if c.redis.url:
+            self.redis_url = c.redis.url
+        else:
+            self.embedded = EmbeddedRedis(c.data_dir / "redis", c.redis.server, c.redis.port)
+            await self.embedded.start()
+            self.redis_url = self.embedded.url
+        # socket_timeout must exceed the worker's blocking read; health checks keep pooled connections fresh.
+        self.redis = aioredis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=5,
+                                       health_check_interval=15, retry_on_timeout=True)
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as e:
+            raise StartupError(f"redis at {self.redis_url} is unreachable: {e}") from e
+        keys = Keys(c.redis.prefix)
+        # 3. Object store.
+        await self.store.start()
+        # 4. The default model (converted from the bundled CTranslate2 copy on first use) and the pool.
+        self.pool = TranscriberPool(c.pool, self.models.path, preload=c.models.default)
+        await self.pool.start()
+        # 5. The work stream: submission side and consuming side.
+        self.queue = JobQueue(self.redis, keys, c.jobs)
+        await self.queue.start()
+        self.intake = Intake(self.queue, self.store, c.api.max_upload_bytes)
+        runner = Runner(self.store, self.pool, c.data_dir / "scratch")
+        self.worker = Worker(self.redis, keys, c.jobs, self.node_id, self.pool.size, runner, self.metrics.observe)
+        await self.worker.start()
+        # 6. The API, last: nothing is accepted before the node can run it.
+        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, c.api.host, c.api.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(f"cannot listen on {c.api.host}:{c.api.port}: {e.strerror}") from e
+        host, port = site._server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    def check_model(self, name: str) -> None:
+        """Raises ModelNotFound unless ``name`` is installed here (or is the default, converted on first use)."""
+        if name != self.config.models.default:
+            self.models.path(name)
+
+    def http(self) -> aiohttp.ClientSession:
+        """A shared client session for outgoing requests (``https://`` sources)."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
+        return self._http
+
+    async def health(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        status = "ok"
+        try:
+            assert self.redis is not None and self.queue is not None
+            await asyncio.wait_for(self.redis.ping(), 2)
+            checks["redis"] = "ok"
+            checks["queue"] = await self.queue.stats()
+        except (RedisError, OSError, asyncio.TimeoutError, AssertionError) as e:
+            checks["redis"] = f"unreachable: {e}"
+            status = "degraded"
+        if self.pool is not None:
+            alive = len(self.pool.pids)
+            checks["pool"] = {"processes": alive, "size": self.pool.size, "threads": self.pool.threads,
+                              "busy": self.pool.busy, "crashes": self.pool.crashes}
+            if alive == 0:
+                status = "degraded"
+        return {"status": status, "node": self.node_id, "version": __version__, "url": self.url,
+                "uptime": round(time.time() - (self.started_at or time.time()), 1), **checks}
+
+    async def close(self) -> None:
+        """Shuts down in numbered steps; safe to call twice and after a failed start."""
+        notify.stopping()
+        # 1. Stop accepting requests: in-flight ones get a short grace to finish.
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        # 2. Stop taking work; running jobs finish within jobs.shutdown_grace, the rest go back to the queue.
+        if self.worker is not None:
+            await self.worker.close()
+            self.worker = None
+        # 3. Stop the pool processes.
+        if self.pool is not None:
+            await self.pool.close()
+        # 4. Close connections: outgoing HTTP, Redis, the store.
+        if self._http is not None:
+            await self._http.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+        await self.store.close()
+        # 5. Stop the embedded server last: everything above may still have written to it.
+        if self.embedded is not None:
+            await self.embedded.close()
+            self.embedded = None
+        log.info("node %s stopped", self.node_id)
+
+    def __repr__(self) -> str:
+        return f"Node({self.node_id!r}, url={self.url!r}, worker={self.worker!r}, pool={self.pool!r})"
+
+
+
