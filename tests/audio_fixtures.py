@@ -34,12 +34,12 @@ SENTENCES: dict[str, str] = {
 }
 
 # The sentence spoken in speech.wav and every format variant of it.
-SPEECH_SENTENCE = "fox"
+SPEECH_SENTENCE = "umbrella"
 
 SAMPLE_RATE = 16000
 
 # Bump to force regeneration when the generator changes in a way the hash below does not see.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 
 
 class AudioSpec(NamedTuple):
