@@ -263,3 +263,16 @@ def wer(reference: str, hypothesis: str) -> float:
     return float(
         jiwer.wer(reference, hypothesis, reference_transform=_NORMALISE, hypothesis_transform=_NORMALISE)
     )
+
+
+#: What long_audio says: every sentence, four times over.
+LONG_TEXT = " ".join([" ".join(SENTENCES.values())] * 4)
+
+
+@pytest.fixture(scope="session")
+def long_audio(audio_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About a minute of speech (long.wav four times): long enough to cancel, kill or stop a node mid-way."""
+    out = tmp_path_factory.mktemp("long") / "minute.wav"
+    src = str(audio_dir / "long.wav")
+    subprocess.run(["sox", src, src, src, src, str(out)], check=True)
+    return out

@@ -8,6 +8,7 @@ A process that dies (segfault, OOM kill) ends its job with :class:`WorkerCrashed
 """
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -73,6 +74,7 @@ def _child_main(
 ) -> None:
     """A pool process: load the default model, then run jobs until told to stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node handles Ctrl-C and tells us to stop
+    _die_with_parent()
     from .decode import decode
     from .engine import Engine
 
@@ -112,6 +114,20 @@ def _child_main(
             conn.send(("error", e.code, str(e), e.retryable))
         except Exception as e:  # noqa: BLE001 - reported to the parent as a retryable failure
             conn.send(("error", "transcription_failed", f"{type(e).__name__}: {e}", True))
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the node dies, even by SIGKILL: an orphan would go on burning CPU on a job that
+    another node is about to run again. (The node starts pool processes from its event loop's thread, which lives
+    as long as it does; PDEATHSIG follows the creating thread.)"""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the closed pipe still stops us at the next message
+        return
+    if os.getppid() != parent:  # the node died before the prctl took effect
+        os._exit(1)
 
 
 class _Process:
