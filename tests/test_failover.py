@@ -59,7 +59,12 @@ def test_killed_node_job_is_reclaimed(redis_url: str, node_process, long_audio: 
     a = node_process("a", "--redis-url", redis_url, env=env)
     job_id = submit(a, long_audio)
     wait_job(a, job_id, running, timeout=60)
+    pool_pids = get(a, "/v1/health")["pool"]["pids"]
     a.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pool_pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pool_pids)  # no orphan keeps transcribing the job
     b = node_process("b", "--redis-url", redis_url, env=env)
     job = wait_job(b, job_id, terminal, timeout=180)
     assert (job["state"], job["attempts"], job["node"]) == ("completed", 2, "b"), job

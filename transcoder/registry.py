@@ -335,7 +335,7 @@ class ModelRegistry:
         """Download ``ggml-NAME.bin`` into the registry and return the installed file.
 
         Without ``url`` the file comes from ``{base_url}/ggml-{name}.bin`` and must match the SHA-1 in
-        ``CATALOG`` (unknown names raise ModelNotFound). An explicit ``sha256`` or ``sha1`` overrides the
+        ``CATALOG``; a name outside the catalog needs an explicit checksum (else ModelNotFound). An explicit ``sha256`` or ``sha1`` overrides the
         catalog; with a ``url`` and neither, the file is only checked to be a ggml model. The download goes to
         ``ggml-NAME.bin.part`` and a later pull resumes it with an HTTP Range request (starting over when the
         server ignores the range). ``progress(done_bytes, total_bytes)`` is called as data arrives; total is 0
@@ -346,13 +346,13 @@ class ModelRegistry:
         """
         _check_name(name)
         if url is None:
-            if name not in CATALOG:
+            if name not in CATALOG and not (sha256 or sha1):
                 raise ModelNotFound(
-                    f"unknown model {name!r}: pull one of {', '.join(CATALOG)}, or give a URL for it"
+                    f"unknown model {name!r}: pull one of {', '.join(CATALOG)}, or give its URL or checksum"
                 )
             url = f"{self.base_url}/ggml-{name}.bin"
             if sha256 is None and sha1 is None:
-                sha1 = CATALOG[name]
+                sha1 = CATALOG[name]  # present: checked above
         expected = ("sha256", sha256.lower()) if sha256 else ("sha1", sha1.lower()) if sha1 else None
 
         with self._lock(name):

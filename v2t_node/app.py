@@ -132,7 +132,7 @@ class Node:
         if self.pool is not None:
             alive = len(self.pool.pids)
             checks["pool"] = {"processes": alive, "size": self.pool.size, "threads": self.pool.threads,
-                              "busy": self.pool.busy, "crashes": self.pool.crashes}
+                              "busy": self.pool.busy, "crashes": self.pool.crashes, "pids": self.pool.pids}
             if alive == 0:
                 status = "degraded"
         return {"status": status, "node": self.node_id, "version": __version__, "url": self.url,
