@@ -2,7 +2,8 @@
 
 import re
 import time
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -73,6 +74,11 @@ def now() -> float:
     return time.time()
 
 
+def text(value: object) -> str:
+    """A Redis reply (bytes) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _float(v: bytes | str | None) -> float | None:
     if v is None or v == b"" or v == "":
         return None
@@ -86,13 +92,13 @@ def _str(v: bytes | str | None) -> str | None:
     return s or None
 
 
-def from_hash(job_id: str, h: dict[bytes, bytes]) -> Job:
+def from_hash(job_id: str, h: Mapping[Any, Any]) -> Job:
     """Decodes a job hash (as HGETALL returns it) into the API's view."""
-    g = {k.decode(): v for k, v in h.items()}
+    g = {text(k): v for k, v in h.items()}
     code, message = _str(g.get("error_code")), _str(g.get("error"))
     return Job(
         id=job_id,
-        state=g["state"].decode(),  # type: ignore[arg-type]
+        state=text(g["state"]),  # type: ignore[arg-type]
         progress=_float(g.get("progress")) or 0.0,
         attempts=int(g.get("attempt", b"0")),
         model=_str(g.get("model")) or "",

@@ -8,7 +8,7 @@ from redis.exceptions import ResponseError
 
 from . import scripts
 from .errors import InvalidJob, JobConflict, JobNotFound, TranscriptNotReady
-from .job import JOB_ID, Job, JobSpec, from_hash, now
+from .job import JOB_ID, Job, JobSpec, from_hash, now, text
 from .keys import GROUP, Keys
 from .settings import JobSettings
 
@@ -58,7 +58,7 @@ class JobQueue:
         if idempotency_key:
             known = await self.redis.get(self.keys.idempotency(idempotency_key))
             if known:
-                return await self.find(known.decode())
+                return await self.find(text(known))
         if job_id:
             return await self.find(job_id)
         return None
@@ -68,7 +68,7 @@ class JobQueue:
         ref = await self.redis.get(self.keys.result(spec.sha256, spec.model, spec.options))
         if not ref:
             return None
-        job = await self.find(ref.decode())
+        job = await self.find(text(ref))
         return job if job is not None and job.state == "completed" else None
 
     async def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
@@ -96,7 +96,7 @@ class JobQueue:
             transcript = await self.redis.hget(self.keys.job(hit.id), "transcript")
             if transcript:
                 fields.update(
-                    state="completed", cached=1, progress=1, transcript=transcript.decode(),
+                    state="completed", cached=1, progress=1, transcript=text(transcript),
                     duration=repr(hit.duration or 0.0), started_at=repr(t), finished_at=repr(t),
                 )
         flat = [str(x) for kv in fields.items() for x in kv]
@@ -105,7 +105,7 @@ class JobQueue:
             keys=[self.keys.job(spec.id), self.keys.stream, self.keys.index, self.keys.idempotency(idem)],
             args=[spec.id, int(t * 1000), int(self.settings.idempotency_ttl), "1" if idem else "0", *flat],
         )
-        outcome, job_id = res[0].decode(), res[1].decode()
+        outcome, job_id = text(res[0]), text(res[1])
         if outcome == "created":
             self.submitted += 1
             if fields["state"] == "completed":
@@ -121,20 +121,20 @@ class JobQueue:
         out: list[Job] = []
         start, page = 0, max(limit, 100)
         while len(out) < limit:
-            ids = await self.redis.zrevrange(self.keys.index, start, start + page - 1)
+            ids: list[bytes] = await self.redis.zrevrange(self.keys.index, start, start + page - 1)  # type: ignore[assignment]
             if not ids:
                 break
             start += page
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.hgetall(self.keys.job(job_id.decode()))
+                    pipe.hgetall(self.keys.job(text(job_id)))
                 hashes = await pipe.execute()
             expired = []
-            for job_id, h in zip(ids, hashes):
+            for job_id, h in zip(ids, hashes, strict=True):
                 if not h:
                     expired.append(job_id)
                     continue
-                job = from_hash(job_id.decode(), h)
+                job = from_hash(text(job_id), h)
                 if state is None or job.state == state:
                     out.append(job)
                     if len(out) == limit:
@@ -149,11 +149,13 @@ class JobQueue:
         res = (await self._cancel(
             keys=[self.keys.job(job_id), self.keys.retry],
             args=[job_id, repr(now()), int(self.settings.result_ttl)],
-        )).decode()
+        ))
+        res = text(res)
         if res == "missing":
             raise JobNotFound(f"no job {job_id!r}")
         if res.startswith("terminal:"):
-            raise JobConflict(f"job {job_id!r} is already {res.split(':', 1)[1]}; only queued or running jobs can be cancelled")
+            state = res.split(":", 1)[1]
+            raise JobConflict(f"job {job_id!r} is already {state}; only queued or running jobs can be cancelled")
         log.info("job %s %s", job_id, "cancelled" if res == "cancelled" else "cancel requested (running)")
         return await self.get(job_id)
 
@@ -163,8 +165,8 @@ class JobQueue:
         if state is None:
             raise JobNotFound(f"no job {job_id!r}")
         if state != b"completed" or not key:
-            raise TranscriptNotReady(f"job {job_id!r} is {state.decode()}; the transcript exists once it is completed")
-        return key.decode()
+            raise TranscriptNotReady(f"job {job_id!r} is {text(state)}; the transcript exists once it is completed")
+        return text(key)
 
     async def stats(self) -> dict[str, int]:
         """Queue depth figures for health and metrics."""

@@ -8,6 +8,7 @@ can neither overwrite nor acknowledge the new owner's work.
 """
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import scripts
-from .job import options_key
+from .job import options_key, text
 from .keys import GROUP, Keys
 from .queue import ensure_group
 from .settings import JobSettings
@@ -125,7 +126,7 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             try:
-                resp = await self.redis.xreadgroup(
+                resp: list[Any] = await self.redis.xreadgroup(  # type: ignore[assignment]
                     GROUP, self.node_id, {self.keys.stream: ">"}, count=self.free, block=int(READ_BLOCK_S * 1000)
                 )
             except RedisError as e:
@@ -134,7 +135,7 @@ class Worker:
             self._redis_ok()
             for _stream, entries in resp or []:
                 for entry_id, fields in entries:
-                    self._spawn(entry_id.decode(), fields.get(b"job", b"").decode(), reclaimed=False)
+                    self._spawn(text(entry_id), text(fields.get(b"job", b"")), reclaimed=False)
 
     async def _maintenance_loop(self) -> None:
         """Moves due retries back to the stream and reclaims entries whose owner stopped heartbeating."""
@@ -160,20 +161,20 @@ class Worker:
             min_idle_time=int(self.settings.heartbeat_timeout * 1000), start_id="0-0", count=self.free,
         )
         for entry_id, fields in resp[1]:
-            entry = entry_id.decode()
+            entry = text(entry_id)
             if entry in self._running or not fields:
                 continue  # ours and alive (a slow heartbeat), or deleted meanwhile
             log.warning("reclaiming entry %s (job %s): its owner stopped heartbeating", entry,
-                        fields.get(b"job", b"?").decode())
+                        text(fields.get(b"job", b"?")))
             self.counts["reclaimed"] += 1
-            self._spawn(entry, fields.get(b"job", b"").decode(), reclaimed=True)
+            self._spawn(entry, text(fields.get(b"job", b"")), reclaimed=True)
 
     def _spawn(self, entry: str, job_id: str, *, reclaimed: bool) -> None:
         task = asyncio.create_task(self._run(entry, job_id), name=f"job-{job_id}")
         self._running[entry] = (task, None)
-        task.add_done_callback(lambda _t, e=entry: self._done(e))
+        task.add_done_callback(functools.partial(self._done, entry))
 
-    def _done(self, entry: str) -> None:
+    def _done(self, entry: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(entry, None)
         self._slot_freed.set()
 
@@ -188,10 +189,10 @@ class Worker:
                 args=[GROUP, entry, self.node_id, repr(time.time()), s.max_attempts, s.job_timeout, int(s.result_ttl)],
             )
             if res[0] != b"run":
-                log.info("job %s not run: %s", job_id, res[1].decode())
+                log.info("job %s not run: %s", job_id, text(res[1]))
                 return
-            token, number = res[1].decode(), int(res[2])
-            fields = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(job_key)).items()}
+            token, number = text(res[1]), int(res[2])
+            fields = {text(k): text(v) for k, v in (await self.redis.hgetall(job_key)).items()}
         except RedisError as e:
             # The entry stays pending and is reclaimed once Redis is back.
             log.error("job %s: could not start (%s); it will be reclaimed", job_id, e)

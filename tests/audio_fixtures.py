@@ -267,6 +267,9 @@ def wer(reference: str, hypothesis: str) -> float:
 
 #: What long_audio says: every sentence, four times over.
 LONG_TEXT = " ".join([" ".join(SENTENCES.values())] * 4)
+#: tiny.en hears espeak's "quick brown fox jumps" as "quick roundfark stump" (faster-whisper does too), so the
+#: long clip, which repeats that sentence, scores about 0.3; the other sentences score below 0.1.
+LONG_WER = 0.35
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import redis
 
 from scheduler.keys import GROUP, Keys
 
-from .audio_fixtures import LONG_TEXT, wer
+from .audio_fixtures import LONG_TEXT, LONG_WER, wer
 from .server_fixtures import NodeProcess, fast_env
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_killed_node_job_is_reclaimed(redis_url: str, node_process, long_audio: 
         assert r.xpending(keys.stream, GROUP)["pending"] == 0
         assert r.xlen(keys.stream) == 0 and r.zcard(keys.retry) == 0
     text = json.loads((tmp_path / "objects" / "transcripts" / transcripts[0]).read_text())["text"]
-    assert wer(LONG_TEXT, text) <= 0.3
+    assert wer(LONG_TEXT, text) <= LONG_WER
 
 
 def test_sigterm_hands_running_job_back(redis_url: str, node_process, long_audio: Path, tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ async def test_retry_with_backoff_then_failed(h: Harness) -> None:
     assert job.error is not None and job.error.code == "worker_crashed"
     assert "gave up after 3 attempts" in job.error.message and "boom 3" in job.error.message
     assert len(starts) == 3
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert gaps[0] >= 0.2 and gaps[1] >= 0.4  # retry_initial 0.2, x2
     assert w.counts["retried"] == 2 and w.counts["failed"] == 1
     assert await h.pending() == 0 and await h.redis.zcard(KEYS.retry) == 0

@@ -371,7 +371,7 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + shifted)
             shifted += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def _read_tokens(src_dir: Path) -> list[str]:

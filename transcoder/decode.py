@@ -161,7 +161,7 @@ def _audio_stream(container: av.container.InputContainer, name: str) -> av.Audio
         raise NoAudioStream(f"no audio stream in {name} (streams: {found}); send a file with a sound track")
     if stream.codec_context is None:
         raise DecodeError(f"no decoder for the {_codec_name(stream)} audio in {name}; convert it to WAV or FLAC")
-    return stream
+    return stream  # type: ignore[return-value]
 
 
 def _codec_name(stream: av.stream.Stream) -> str:
@@ -308,7 +308,7 @@ class _Resampler:
 
     def _emit(self, frames: list[av.AudioFrame]) -> None:
         for frame in frames:
-            self._out.append(frame.to_ndarray().reshape(-1))
+            self._out.append(frame.to_ndarray().reshape(-1))  # type: ignore[arg-type]  # format='flt'
 
 
 def _decode_stream(

@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ SAMPLE_RATE = 16000
 
 #: Decoding parameters that do not vary per job. Greedy decoding, no carried context between windows (which
 #: whisper.cpp documents as the more robust choice for long files), non-speech tokens suppressed.
-BASE_PARAMS = {
+BASE_PARAMS: dict[str, Any] = {
     "print_progress": False,
     "print_realtime": False,
     "print_timestamps": False,
@@ -35,7 +36,7 @@ def _load(path: Path, threads: int):  # type: ignore[no-untyped-def]
     if not path.is_file():
         raise ModelFormatError(f"model file {path} does not exist")
     model = Model(str(path), redirect_whispercpp_logs_to=None, n_threads=threads, **BASE_PARAMS)
-    if model._ctx is None:  # whisper.cpp returns NULL for a file it cannot read
+    if model._ctx is None:  # type: ignore[attr-defined]  # whisper.cpp returns NULL for a file it cannot read
         raise ModelFormatError(f"whisper.cpp could not load {path}: not a ggml whisper model?")
     return model
 
@@ -120,4 +121,5 @@ class Engine:
         )
 
     def __repr__(self) -> str:
-        return f"Engine(threads={self.threads}, models={[p.name for p in self._models]}, transcribed={self.transcribed})"
+        names = [p.name for p in self._models]
+        return f"Engine(threads={self.threads}, models={names}, transcribed={self.transcribed})"

@@ -206,7 +206,7 @@ class TranscriberPool:
         self._procs.append(proc)
         try:
             msg = await asyncio.wait_for(proc.inbox.get(), START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             msg = ("error", "start_timeout", f"pool process did not start within {START_TIMEOUT_S:g} s", True)
         if msg is _EOF or msg[0] != "ready":
             self._forget(proc)

@@ -335,11 +335,11 @@ class ModelRegistry:
         """Download ``ggml-NAME.bin`` into the registry and return the installed file.
 
         Without ``url`` the file comes from ``{base_url}/ggml-{name}.bin`` and must match the SHA-1 in
-        ``CATALOG``; a name outside the catalog needs an explicit checksum (else ModelNotFound). An explicit ``sha256`` or ``sha1`` overrides the
-        catalog; with a ``url`` and neither, the file is only checked to be a ggml model. The download goes to
-        ``ggml-NAME.bin.part`` and a later pull resumes it with an HTTP Range request (starting over when the
-        server ignores the range). ``progress(done_bytes, total_bytes)`` is called as data arrives; total is 0
-        when the server does not say.
+        ``CATALOG``; a name outside the catalog needs an explicit checksum (else ModelNotFound). An explicit
+        ``sha256`` or ``sha1`` overrides the catalog; with a ``url`` and neither, the file is only checked to be
+        a ggml model. The download goes to ``ggml-NAME.bin.part`` and a later pull resumes it with an HTTP Range
+        request (starting over when the server ignores the range). ``progress(done_bytes, total_bytes)`` is
+        called as data arrives; total is 0 when the server does not say.
 
         Raises DownloadError on network and HTTP errors (the .part stays for a resume), ChecksumMismatch when
         the finished file differs from its checksum (the .part is deleted, nothing is installed).
@@ -461,7 +461,7 @@ class ModelRegistry:
         self,
         response: http.client.HTTPResponse,
         out: IO[bytes],
-        hashers: dict[str, "hashlib._Hash"],
+        hashers: dict[str, hashlib._Hash],
         done: int,
         total: int,
         url: str,

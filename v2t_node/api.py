@@ -22,7 +22,11 @@ from transcoder.formats import CONTENT_TYPES, FORMATS, render
 from transcoder.transcript import Transcript
 
 from .errors import (
-    BadRequest, SourceNotFound, Unauthorized, UnsupportedMediaType, UnsupportedSource,
+    BadRequest,
+    SourceNotFound,
+    Unauthorized,
+    UnsupportedMediaType,
+    UnsupportedSource,
 )
 
 if TYPE_CHECKING:
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NODE: web.AppKey["Node"] = web.AppKey("node")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 CHUNK = 1 << 16
 #: Paths open without a token, so load balancers and systemd can probe.
@@ -55,15 +60,15 @@ def job_response(job: Job, status: int = 200) -> web.Response:
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turns every exception into a JSON error; the node keeps serving whatever a request did."""
     try:
         return await handler(request)
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(e.status, "http_error")
-        return error_response(e.status, code, e.reason if e.status != 404 else f"no route {request.path}")
+        name = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(e.status, "http_error")
+        return error_response(e.status, name, e.reason if e.status != 404 else f"no route {request.path}")
     except Exception as e:  # noqa: BLE001
         code, status = getattr(e, "code", None), getattr(e, "status", None)
         if isinstance(code, str) and isinstance(status, int):
@@ -80,7 +85,7 @@ def auth_middleware(token: str) -> Any:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
-    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
@@ -99,7 +104,7 @@ async def submit(request: web.Request) -> web.Response:
 
 async def _submit(request: web.Request, node: "Node") -> web.Response:
     ctype = request.content_type
-    idem = request.headers.get("Idempotency-Key") or None
+    idem: str | None = request.headers.get("Idempotency-Key") or None
     if ctype == "multipart/form-data":
         job, created = await _submit_multipart(request, node, idem)
     elif ctype == "application/json":
@@ -118,7 +123,7 @@ def _options(node: "Node", model: str | None, language: str | None, job_id: str 
     model = model or node.config.models.default
     node.check_model(model)
     language = (language or ("en" if model.endswith(".en") else "auto")).lower()
-    if not language.isalpha() and language != "auto" or len(language) > 8:
+    if not language.isalpha() or len(language) > 8:
         raise BadRequest(f"language {language!r} is not a language code (e.g. en, de, auto)")
     if model.endswith(".en") and language not in ("en", "auto"):
         raise BadRequest(f"model {model} is English-only; language {language!r} needs a multilingual model")

@@ -2,9 +2,7 @@
 
 import asyncio
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -43,8 +41,8 @@ class Node:
         self.store: ObjectStore = LocalStore(config.storage_dir)
         self.models = ModelRegistry(config.models_dir, base_url=config.models.base_url)
         self.pool: TranscriberPool | None = None
-        self.queue: JobQueue | None = None
-        self.intake: Intake | None = None  # type: ignore[assignment]
+        self._queue: JobQueue | None = None
+        self._intake: Intake | None = None
         self.worker: Worker | None = None
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -90,9 +88,9 @@ class Node:
         self.pool = TranscriberPool(c.pool, self.models.path, preload=c.models.default)
         await self.pool.start()
         # 5. The work stream: submission side and consuming side.
-        self.queue = JobQueue(self.redis, keys, c.jobs)
-        await self.queue.start()
-        self.intake = Intake(self.queue, self.store, c.api.max_upload_bytes)
+        self._queue = JobQueue(self.redis, keys, c.jobs)
+        await self._queue.start()
+        self._intake = Intake(self._queue, self.store, c.api.max_upload_bytes)
         runner = Runner(self.store, self.pool, c.data_dir / "scratch")
         self.worker = Worker(self.redis, keys, c.jobs, self.node_id, self.pool.size, runner, self.metrics.observe)
         await self.worker.start()
@@ -106,6 +104,20 @@ class Node:
             raise StartupError(f"cannot listen on {c.api.host}:{c.api.port}: {e.strerror}") from e
         host, port = site._server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
         self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    @property
+    def queue(self) -> JobQueue:
+        """Jobs as the API sees them (available once started)."""
+        if self._queue is None:
+            raise RuntimeError("node not started")
+        return self._queue
+
+    @property
+    def intake(self) -> Intake:
+        """Submission of new audio (available once started)."""
+        if self._intake is None:
+            raise RuntimeError("node not started")
+        return self._intake
 
     def check_model(self, name: str) -> None:
         """Raises ModelNotFound unless ``name`` is installed here (or is the default, converted on first use)."""
@@ -122,11 +134,11 @@ class Node:
         checks: dict[str, Any] = {}
         status = "ok"
         try:
-            assert self.redis is not None and self.queue is not None
+            assert self.redis is not None
             await asyncio.wait_for(self.redis.ping(), 2)
             checks["redis"] = "ok"
             checks["queue"] = await self.queue.stats()
-        except (RedisError, OSError, asyncio.TimeoutError, AssertionError) as e:
+        except (TimeoutError, RedisError, OSError, AssertionError) as e:
             checks["redis"] = f"unreachable: {e}"
             status = "degraded"
         if self.pool is not None:

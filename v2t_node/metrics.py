@@ -1,7 +1,7 @@
 """Prometheus metrics of one node, in a registry of its own (several nodes can share a test process)."""
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -47,12 +47,12 @@ class Metrics:
             if attempt.result and attempt.result.get("duration"):
                 self.audio_seconds.inc(float(attempt.result["duration"]))
 
-    def handler(self, node: "Node") -> Callable[[web.Request], object]:
+    def handler(self, node: "Node") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def metrics(request: web.Request) -> web.Response:
             await self.refresh(node)
-            accept = request.headers.get("Accept", "")
-            if "application/openmetrics-text" in accept:
-                body, ctype = openmetrics.exposition.generate_latest(self.registry), openmetrics.exposition.CONTENT_TYPE_LATEST
+            if "application/openmetrics-text" in request.headers.get("Accept", ""):
+                exposition = openmetrics.exposition
+                body, ctype = exposition.generate_latest(self.registry), exposition.CONTENT_TYPE_LATEST
             else:
                 body, ctype = generate_latest(self.registry), CONTENT_TYPE_LATEST
             resp = web.Response(body=body)
@@ -69,7 +69,7 @@ class Metrics:
             new = node.pool.crashes - int(self.pool_crashes._value.get())
             if new > 0:
                 self.pool_crashes.inc(new)
-        if node.queue is not None:
+        if node.worker is not None:  # started
             try:
                 for state, n in (await node.queue.stats()).items():
                     self.queue.labels(state).set(n)
