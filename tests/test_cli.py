@@ -3,13 +3,14 @@ output files and formats, exit codes, ``jobs``, ``models``."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .audio_fixtures import SENTENCES, wer
+from .audio_fixtures import LONG_TEXT, LONG_WER, SENTENCES, wer
 from .server_fixtures import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -122,3 +123,32 @@ def test_models_pull_from_local_server(cli, tiny_en_model: Path, tmp_path: Path,
     r = cli("--models-dir", str(mine), "transcribe", "--model", "tiny-copy", str(audio_dir / "umbrella.wav"))
     assert r.returncode == 0, r.stderr
     assert wer(SENTENCES["umbrella"], r.stdout) <= 0.25
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, models_dir: Path, long_audio: Path) -> None:
+    """With stderr on a terminal, transcribe draws a progress bar that advances; stdout stays the transcript."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "V2T_NODE_DATA_DIR": str(tmp_path / "data"), "V2T_MODELS_DIR": str(models_dir),
+           "V2T_CLIENT_URL": f"http://127.0.0.1:{free_port()}", "V2T_POOL_PROCESSES": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "v2t_node", "transcribe", str(long_audio)], cwd=REPO, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    stdout = proc.stdout.read() if proc.stdout else b""
+    assert proc.wait(60) == 0
+    os.close(master)
+    overall = [float(p) for p in re.findall(rb"\[0/1\] \[[#-]+\] +([0-9.]+)%  minute.wav", screen)]
+    assert overall and 0 < max(overall) < 100, screen[-500:]
+    assert overall == sorted(overall)  # it only moves forward
+    assert screen.endswith(b"\r")  # the line is cleared at the end
+    assert b"[0/1]" not in stdout and wer(LONG_TEXT, stdout.decode()) <= LONG_WER

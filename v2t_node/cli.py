@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from scheduler.job import Job
 from transcoder.errors import TranscoderError
 from transcoder.registry import ModelRegistry
 
@@ -181,23 +182,31 @@ async def serve(config: Config) -> int:
 # -- transcribe --------------------------------------------------------------------------------------------------
 
 class Progress:
-    """One status line on a terminal: files done, and the bar of the slowest file still running."""
+    """One status line on a terminal: files done, overall progress, and the file being transcribed."""
+
+    WIDTH = 30
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.width = 30
+        self._last = 0
 
-    def show(self, done: int, total: int, name: str, fraction: float, state: str) -> None:
+    def show(self, jobs: "dict[Path, Job]") -> None:
         if not self.enabled:
             return
-        filled = int(self.width * fraction)
-        bar = "#" * filled + "-" * (self.width - filled)
-        sys.stderr.write(f"\r[{done}/{total}] {name[:30]:<30} [{bar}] {fraction * 100:5.1f}% {state:<9}")
+        done = sum(1 for j in jobs.values() if j.terminal)
+        overall = sum(1.0 if j.terminal else j.progress for j in jobs.values()) / len(jobs)
+        running = [(p, j) for p, j in jobs.items() if j.state == "running"]
+        name, state = (running[0][0].name, f"{running[0][1].progress * 100:3.0f}%") if running else ("", "queued")
+        filled = int(self.WIDTH * overall)
+        line = (f"[{done}/{len(jobs)}] [{'#' * filled}{'-' * (self.WIDTH - filled)}] {overall * 100:5.1f}%  "
+                f"{name[:40]} {state}")
+        sys.stderr.write("\r" + line.ljust(self._last))
         sys.stderr.flush()
+        self._last = len(line)
 
     def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * (self.width + 70) + "\r")
+        if self.enabled and self._last:
+            sys.stderr.write("\r" + " " * self._last + "\r")
             sys.stderr.flush()
 
 
@@ -238,17 +247,15 @@ async def _transcribe_files(client: Client, args: argparse.Namespace) -> int:
     jobs = {}
     for path in args.files:
         jobs[path] = await client.submit_file(path, model=args.model, language=args.language)
-    pending = dict(jobs)
     total = len(jobs)
-    while pending:
-        for path, job in list(pending.items()):
-            job = jobs[path] = await client.job(job.id)
-            if job.terminal:
-                del pending[path]
-        if pending:
-            path, job = min(pending.items(), key=lambda kv: kv[1].progress)
-            progress.show(total - len(pending), total, path.name, job.progress, job.state)
-            await asyncio.sleep(0.25)
+    while True:
+        for path, job in jobs.items():
+            if not job.terminal:
+                jobs[path] = await client.job(job.id)
+        progress.show(jobs)
+        if all(j.terminal for j in jobs.values()):
+            break
+        await asyncio.sleep(0.25)
     progress.clear()
     failed = 0
     for path, job in jobs.items():
