@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_async.aio import time as timed
+from redis.exceptions import RedisError
 
 from scheduler.job import JOB_ID, Job
 from transcoder.formats import CONTENT_TYPES, FORMATS, render
@@ -69,6 +70,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         name = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(e.status, "http_error")
         return error_response(e.status, name, e.reason if e.status != 404 else f"no route {request.path}")
+    except (RedisError, OSError) as e:
+        # Redis (or a local disk) failing under us: the request may succeed later; say so, loudly once per kind.
+        log.warning("%s %s: %s: %s", request.method, request.path, type(e).__name__, e)
+        return error_response(503, "queue_unavailable" if isinstance(e, RedisError) else "storage_error",
+                              f"temporarily unavailable ({type(e).__name__}: {e}); retry later")
     except Exception as e:  # noqa: BLE001
         code, status = getattr(e, "code", None), getattr(e, "status", None)
         if isinstance(code, str) and isinstance(status, int):
@@ -119,9 +125,11 @@ async def _submit(request: web.Request, node: "Node") -> web.Response:
     return job_response(job, 202 if created and not job.terminal else 200)
 
 
-def _options(node: "Node", model: str | None, language: str | None, job_id: str | None) -> tuple[str, str, str | None]:
+async def _options(
+    node: "Node", model: str | None, language: str | None, job_id: str | None
+) -> tuple[str, str, str | None]:
     model = model or node.config.models.default
-    node.check_model(model)
+    await asyncio.to_thread(node.check_model, model)  # may convert a bundled model on first use
     language = (language or ("en" if model.endswith(".en") else "auto")).lower()
     if not language.isalpha() or len(language) > 8:
         raise BadRequest(f"language {language!r} is not a language code (e.g. en, de, auto)")
@@ -144,7 +152,7 @@ async def _submit_multipart(request: web.Request, node: "Node", idem: str | None
             if upload is not None:
                 raise BadRequest("one 'file' part per request; submit several files as several jobs")
             # Fields must come before the file so the upload can be streamed straight to its job.
-            model, language, job_id = _options(node, form.get("model"), form.get("language"), form.get("id"))
+            model, language, job_id = await _options(node, form.get("model"), form.get("language"), form.get("id"))
             upload = await node.intake.submit(
                 _part_chunks(part), filename=part.filename or "upload", model=model, language=language,
                 job_id=job_id, idempotency_key=idem,
@@ -172,7 +180,7 @@ async def _submit_json(request: web.Request, node: "Node", idem: str | None) -> 
         raise BadRequest(f"invalid JSON submission: {e}") from None
     except msgspec.DecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
-    model, language, job_id = _options(node, body.model, body.language, body.id)
+    model, language, job_id = await _options(node, body.model, body.language, body.id)
     url = urlsplit(body.source)
     if url.scheme == "file":
         if not node.config.api.allow_file_sources:
