@@ -174,7 +174,10 @@ class JobQueue:
             pipe.xlen(self.keys.stream)
             pipe.xpending(self.keys.stream, GROUP)
             pipe.zcard(self.keys.retry)
-            stream_len, pending, delayed = await pipe.execute()
+            stream_len, pending, delayed = await pipe.execute(raise_on_error=False)
+        if isinstance(stream_len, Exception) or isinstance(delayed, Exception):
+            raise stream_len if isinstance(stream_len, Exception) else delayed
+        # No group (yet, or lost with the server's data): nothing is running; the worker recreates it.
         running = pending["pending"] if isinstance(pending, dict) else 0
         return {"queued": max(0, stream_len - running) + delayed, "running": running, "delayed": delayed}
 

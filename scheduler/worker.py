@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from . import scripts
 from .job import options_key, text
@@ -331,6 +331,16 @@ class Worker:
     # -- health ----------------------------------------------------------------------------------------------
 
     async def _redis_trouble(self, e: Exception) -> None:
+        if isinstance(e, ResponseError) and "NOGROUP" in str(e):
+            # The server lost the stream (restarted without persistence, flushed): every job record it held is
+            # gone too. Recreate the group so new work flows again, and say so loudly.
+            log.error("work stream %s or its group is missing (did Redis lose its data?); recreating it",
+                      self.keys.stream)
+            try:
+                await ensure_group(self.redis, self.keys)
+                return
+            except RedisError as again:
+                e = again
         # Loud once, then quiet until it recovers.
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()

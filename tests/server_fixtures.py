@@ -50,8 +50,9 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class ValkeyServer:
     """A real valkey-server on a free loopback port, in its own directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, appendonly: bool = False) -> None:
         self.directory = directory
+        self.appendonly = appendonly
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -60,7 +61,8 @@ class ValkeyServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [find_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--save", "", "--appendonly", "no", "--logfile", str(self.directory / "valkey.log")],
+             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+             "--logfile", str(self.directory / "valkey.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)

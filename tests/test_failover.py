@@ -1,6 +1,7 @@
 """Nodes as real processes: kill -9 in the middle of a job, graceful and forced shutdown, and the embedded server
 never outliving its node."""
 
+import asyncio
 import json
 import os
 import signal
@@ -157,3 +158,61 @@ def _alive(pid: int) -> bool:
         return state != "Z"
     except (ProcessLookupError, FileNotFoundError):
         return False
+
+
+async def test_redis_outage_and_recovery(make_node, tmp_path: Path, audio_dir: Path) -> None:
+    """1. a node runs on an external valkey; 2. the valkey dies: health says 503 degraded, a submission gets
+    503 queue_unavailable, the node keeps serving; 3. valkey comes back on the same port (same AOF): the node
+    recovers by itself and transcribes again."""
+    import aiohttp
+
+    from .server_fixtures import ValkeyServer
+
+    server = ValkeyServer(tmp_path / "valkey", appendonly=True)  # as production Redis should run
+    server.start()
+    try:
+        node = await make_node("outage", redis_url=server.url)
+        async with aiohttp.ClientSession() as session:
+            async def post() -> tuple[int, dict]:
+                form = aiohttp.FormData()
+                form.add_field("file", (audio_dir / "garden.wav").read_bytes(), filename="garden.wav")
+                async with session.post(f"{node.url}/v1/jobs", data=form) as r:
+                    return r.status, await r.json()
+
+            server.stop()
+            async with session.get(f"{node.url}/v1/health") as r:
+                body = await r.json()
+                assert r.status == 503 and body["status"] == "degraded" and "unreachable" in body["redis"]
+            status, body = await post()
+            assert (status, body["error"]["code"]) == (503, "queue_unavailable"), body
+            server.start()  # same port
+            deadline = time.monotonic() + 30
+            while True:
+                async with session.get(f"{node.url}/v1/health") as r:
+                    if r.status == 200:
+                        break
+                assert time.monotonic() < deadline, "node did not recover"
+                await asyncio.sleep(0.2)
+            status, job = await post()
+            assert status == 202, job
+            while job["state"] not in ("completed", "failed"):
+                await asyncio.sleep(0.1)
+                async with session.get(f"{node.url}/v1/jobs/{job['id']}") as r:
+                    job = await r.json()
+            assert job["state"] == "completed"
+    finally:
+        server.stop()
+
+
+def test_start_fails_clearly_without_redis(tmp_path: Path, models_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    from .server_fixtures import REPO, free_port
+
+    r = subprocess.run(
+        [sys.executable, "-m", "v2t_node", "--data-dir", str(tmp_path), "--models-dir", str(models_dir), "start",
+         "--port", str(free_port()), "--redis-url", f"redis://127.0.0.1:{free_port()}/0"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert r.returncode == 1 and "is unreachable" in r.stderr

@@ -330,3 +330,16 @@ async def test_list_filters_and_orders(h: Harness) -> None:
 
 async def _is(h: Harness, job_id: str, state: str) -> bool:
     return await h.state(job_id) == state
+
+
+async def test_lost_stream_is_recreated(h: Harness) -> None:
+    """Redis lost its data (restart without persistence, FLUSHALL): the worker recreates the stream's group and
+    new jobs run again."""
+    await h.worker(complete)
+    await h.queue.submit(spec("before"))
+    await h.done("before")
+    await h.redis.flushall()
+    await asyncio.sleep(0.3)
+    await h.queue.submit(spec("after"))
+    await h.done("after", timeout=20)
+    assert await h.state("after") == "completed"
