@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.audio_fixtures",
     "tests.model_fixtures",
     "tests.server_fixtures",
+    "tests.s3_fixtures",
 ]

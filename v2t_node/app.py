@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from cache.lru import FileCache
+from cache.s3 import S3Store, parse_storage_url
 from cache.store import LocalStore, ObjectStore
 from scheduler.intake import Intake
 from scheduler.keys import Keys
@@ -29,6 +31,16 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+def _make_store(config: Config) -> ObjectStore:
+    """S3 when ``storage.url`` is set, else files under the data directory."""
+    s = config.storage
+    if not s.url:
+        return LocalStore(config.storage_dir)
+    bucket, prefix = parse_storage_url(s.url)
+    return S3Store(bucket, prefix, endpoint_url=s.endpoint or None, region=s.region or None,
+                   part_size=s.part_size, parallel_parts=s.parallel_parts)
+
+
 class Node:
     """One v2t node: API, queue, worker, pool, store, and (unconfigured) its embedded Redis."""
 
@@ -38,7 +50,9 @@ class Node:
         self.metrics = Metrics()
         self.embedded: EmbeddedRedis | None = None
         self.redis: aioredis.Redis | None = None
-        self.store: ObjectStore = LocalStore(config.storage_dir)
+        self.store: ObjectStore = _make_store(config)
+        #: Local copies of remote audio (only for a store without local paths).
+        self.file_cache = FileCache(config.cache_dir, config.cache.max_bytes) if config.storage.url else None
         self.models = ModelRegistry(config.models_dir, base_url=config.models.base_url)
         self.pool: TranscriberPool | None = None
         self._queue: JobQueue | None = None
@@ -82,8 +96,10 @@ class Node:
         except (RedisError, OSError) as e:
             raise StartupError(f"redis at {self.redis_url} is unreachable: {e}") from e
         keys = Keys(c.redis.prefix)
-        # 3. Object store.
+        # 3. Object store, and the local cache in front of a remote one.
         await self.store.start()
+        if self.file_cache is not None:
+            await self.file_cache.start()
         # 4. The default model (converted from the bundled CTranslate2 copy on first use) and the pool.
         self.pool = TranscriberPool(c.pool, self.models.path, preload=c.models.default)
         await self.pool.start()
@@ -91,7 +107,7 @@ class Node:
         self._queue = JobQueue(self.redis, keys, c.jobs)
         await self._queue.start()
         self._intake = Intake(self._queue, self.store, c.api.max_upload_bytes)
-        runner = Runner(self.store, self.pool, c.data_dir / "scratch")
+        runner = Runner(self.store, self.pool, self.file_cache)
         self.worker = Worker(self.redis, keys, c.jobs, self.node_id, self.pool.size, runner, self.metrics.observe)
         await self.worker.start()
         # 6. The API, last: nothing is accepted before the node can run it.
@@ -171,6 +187,8 @@ class Node:
             await self.redis.aclose()
             self.redis = None
         await self.store.close()
+        if self.file_cache is not None:
+            await self.file_cache.close()
         # 5. Stop the embedded server last: everything above may still have written to it.
         if self.embedded is not None:
             await self.embedded.close()

@@ -36,6 +36,8 @@ def _flags(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "host": ("api", "host"), "port": ("api", "port"), "redis_url": ("redis", "url"),
         "processes": ("pool", "processes"), "threads": ("pool", "threads"), "models_dir": ("models", "dir"),
         "url": ("client", "url"),
+        "storage": ("storage", "url"), "s3_endpoint": ("storage", "endpoint"), "cache_dir": ("cache", "dir"),
+        "cache_max_bytes": ("cache", "max_bytes"),
     }
     out: dict[str, dict[str, Any]] = {}
     for attr, (section, key) in mapping.items():
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node-id", help="this node's name (node.id; default: the host name)")
     s.add_argument("--processes", type=int, help="pool processes (pool.processes; default cores - 2, min 1)")
     s.add_argument("--threads", type=int, help="threads per pool process (pool.threads)")
+    s.add_argument("--storage", metavar="s3://BUCKET[/PREFIX]",
+                   help="S3-compatible object store (storage.url; credentials from the AWS variables/profile)")
+    s.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint, e.g. http://minio:9000 (storage.endpoint)")
+    s.add_argument("--cache-dir", help="LRU file cache directory (cache.dir)")
+    s.add_argument("--cache-max-bytes", type=int, help="LRU file cache size bound (cache.max_bytes)")
     s.add_argument("--log-level", help="debug, info, warning, error")
     s.set_defaults(func=cmd_start)
 

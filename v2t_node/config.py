@@ -60,9 +60,27 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class StorageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``[storage]`` section. Default: objects as files in ``<data_dir>/objects``."""
+    """The ``[storage]`` section. Default: objects as files in ``<data_dir>/objects``; with ``url``, an
+    S3-compatible bucket (MinIO, AWS, Ceph). Credentials come from the standard AWS variables or profile."""
 
+    #: ``s3://BUCKET[/PREFIX]``; empty: the local filesystem store.
+    url: str = ""
+    #: The S3 endpoint (e.g. ``http://minio:9000``); empty: AWS.
+    endpoint: str = ""
+    region: str = ""
+    #: Multipart upload: part size and parts in flight.
+    part_size: Annotated[int, msgspec.Meta(ge=5 << 20, le=5 << 30)] = 64 << 20
+    parallel_parts: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    #: Local filesystem store directory (when ``url`` is empty). Default: ``<data_dir>/objects``.
     path: str = ""
+
+
+class CacheSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[cache]`` section: the LRU file cache of audio in front of an S3 store."""
+
+    #: Default: ``<data_dir>/cache``.
+    dir: str = ""
+    max_bytes: Annotated[int, msgspec.Meta(gt=0)] = 10 << 30
 
 
 class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -87,6 +105,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api: ApiSettings = ApiSettings()
     redis: RedisSettings = RedisSettings()
     storage: StorageSettings = StorageSettings()
+    cache: CacheSettings = CacheSettings()
     models: ModelSettings = ModelSettings()
     pool: PoolSettings = PoolSettings()
     jobs: JobSettings = JobSettings()
@@ -108,6 +127,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def storage_dir(self) -> Path:
         return Path(self.storage.path).expanduser() if self.storage.path else self.data_dir / "objects"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache.dir).expanduser() if self.cache.dir else self.data_dir / "cache"
 
     @property
     def node_id(self) -> str:
@@ -198,5 +221,14 @@ def _check(config: Config) -> None:
             f"api.host is {config.api.host}, which is not loopback: set api.token or api.token_file "
             "(V2T_API_TOKEN) so the API is not open to the network"
         )
+    if config.storage.url:
+        from cache.s3 import parse_storage_url
+
+        try:
+            parse_storage_url(config.storage.url)
+        except ValueError as e:
+            raise ConfigError(f"storage.url: {e}") from None
+    elif config.storage.endpoint:
+        raise ConfigError("storage.endpoint is set but storage.url is not: add storage.url = s3://BUCKET[/PREFIX]")
     if config.redis.url and not re.match(r"^(redis|rediss|unix|valkey|valkeys)://", config.redis.url):
         raise ConfigError(f"redis.url {config.redis.url!r} must start with redis://, rediss:// or unix://")

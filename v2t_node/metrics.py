@@ -35,6 +35,10 @@ class Metrics:
         self.pool_processes = Gauge("v2t_pool_processes", "Live whisper.cpp pool processes", registry=r)
         self.pool_busy = Gauge("v2t_pool_busy", "Pool processes running a job", registry=r)
         self.pool_crashes = Counter("v2t_pool_crashes", "Pool processes that died and were replaced", registry=r)
+        self.cache_hits = Counter("v2t_file_cache_hits", "Audio served from the local file cache", registry=r)
+        self.cache_misses = Counter("v2t_file_cache_misses", "Audio fetched from the object store", registry=r)
+        self.cache_evictions = Counter("v2t_file_cache_evictions", "Files evicted from the file cache", registry=r)
+        self.cache_bytes = Gauge("v2t_file_cache_bytes", "Bytes held by the local file cache", registry=r)
         self.started = time.time()
 
     def observe(self, outcome: str, attempt: Attempt, code: str | None) -> None:
@@ -66,12 +70,22 @@ class Metrics:
         if node.pool is not None:
             self.pool_processes.set(len(node.pool.pids))
             self.pool_busy.set(node.pool.busy)
-            new = node.pool.crashes - int(self.pool_crashes._value.get())
-            if new > 0:
-                self.pool_crashes.inc(new)
+            _catch_up(self.pool_crashes, node.pool.crashes)
+        if (cache := node.file_cache) is not None:
+            _catch_up(self.cache_hits, cache.hits)
+            _catch_up(self.cache_misses, cache.misses)
+            _catch_up(self.cache_evictions, cache.evictions)
+            self.cache_bytes.set(cache.bytes)
         if node.worker is not None:  # started
             try:
                 for state, n in (await node.queue.stats()).items():
                     self.queue.labels(state).set(n)
             except Exception:  # noqa: BLE001 - metrics must render while Redis is down
                 pass
+
+
+def _catch_up(counter: Counter, total: int) -> None:
+    """Advances a Prometheus counter to a component's own running total (components keep plain ints)."""
+    behind = total - counter._value.get()
+    if behind > 0:
+        counter.inc(behind)
