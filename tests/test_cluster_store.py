@@ -86,3 +86,36 @@ async def test_bad_bucket_fails_start_clearly(make_node, redis_url: str, moto_s3
 
     with pytest.raises(BucketNotFound, match="no-such-bucket"):
         await make_node("x", redis_url=redis_url, storage={"url": "s3://no-such-bucket", "endpoint": moto_s3.endpoint})
+
+
+async def test_peers_endpoint_and_join_authentication(make_node, redis_url: str, tmp_path: Path) -> None:
+    """1. two nodes on one Redis list each other (membership mirrored in Redis, no multicast needed);
+    2. the join endpoint answers only a token signed with the cluster secret, and hands out the shared Redis
+    URL but no credentials; 3. a node whose Redis is private to it refuses to act as a join point."""
+    from peers.signing import make_token
+    from v2t_node.api import PEER_TOKEN_HEADER
+
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-cluster\n")
+    peers = {"secret_file": str(secret), "cluster": "blue", "enabled": False}
+    a = await make_node("a", redis_url=redis_url, peers=peers)
+    b = await make_node("b", redis_url=redis_url, peers=peers)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{a.url}/v1/peers") as r:
+            body = await r.json()
+        assert body["cluster"] == "blue"
+        rows = {p["node_id"]: p for p in body["peers"]}
+        assert set(rows) == {"a", "b"} and rows["a"]["self"] and rows["b"]["via"] == ["redis"]
+        assert rows["b"]["slots_total"] == 1 and rows["b"]["api_url"] == b.public_url
+        url = f"{a.url}/v1/cluster/join"
+        async with session.get(url) as r:
+            assert r.status == 401
+        async with session.get(url, headers={PEER_TOKEN_HEADER: make_token(b"wrong", "c")}) as r:
+            assert r.status == 401
+        # A loopback Redis URL is private to a's host: a refuses to hand it out.
+        async with session.get(url, headers={PEER_TOKEN_HEADER: make_token(b"s3cret-cluster", "c")}) as r:
+            assert r.status == 409 and (await r.json())["error"]["code"] == "join_unavailable"
+    await b.close()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{a.url}/v1/peers") as r:
+            assert [p["node_id"] for p in (await r.json())["peers"]] == ["a"]  # b left cleanly

@@ -18,12 +18,14 @@ from aiohttp import web
 from prometheus_async.aio import time as timed
 from redis.exceptions import RedisError
 
+from peers.signing import check_token
 from scheduler.job import JOB_ID, Job
 from transcoder.formats import CONTENT_TYPES, FORMATS, render
 from transcoder.transcript import Transcript
 
 from .errors import (
     BadRequest,
+    JoinUnavailable,
     SourceNotFound,
     Unauthorized,
     UnsupportedMediaType,
@@ -39,8 +41,10 @@ NODE: web.AppKey["Node"] = web.AppKey("node")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 CHUNK = 1 << 16
-#: Paths open without a token, so load balancers and systemd can probe.
-PUBLIC = frozenset({"/v1/health"})
+#: Paths open without the bearer token: probes, and the join request (authenticated by the cluster secret).
+PUBLIC = frozenset({"/v1/health", "/v1/cluster/join"})
+#: The header carrying a peer token (HMAC under the cluster secret) on requests between nodes.
+PEER_TOKEN_HEADER = "X-V2T-Peer-Token"
 
 
 class Submission(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -270,6 +274,37 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
+async def peers(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    body: dict[str, Any] = {"cluster": node.config.peers.cluster, "node": node.node_id, "peers": await node.peers()}
+    if node.discovery is not None:
+        body["rejected"] = dict(node.discovery.rejected)
+    return web.json_response(body)
+
+
+async def cluster_join(request: web.Request) -> web.Response:
+    """The cluster's shared endpoints, for a node that has only the cluster secret (zero-config join).
+
+    Authenticated by a token signed with the cluster secret; never advertised. S3 credentials are not handed
+    out: the joining node takes them from its own AWS variables or profile.
+    """
+    node = request.app[NODE]
+    secret = node.config.cluster_secret
+    peer = check_token(secret, request.headers.get(PEER_TOKEN_HEADER, "")) if secret else None
+    if peer is None:
+        raise Unauthorized(f"a valid {PEER_TOKEN_HEADER} signed with the cluster secret is required")
+    c = node.config
+    redis_url = c.redis.url
+    if not redis_url or urlsplit(redis_url).hostname in (None, "127.0.0.1", "localhost", "::1"):
+        raise JoinUnavailable(f"node {node.node_id} uses a Redis only it can reach ({redis_url or 'embedded'}); "
+                              "join a node started with a shared --redis-url")
+    log.info("node %s joins cluster %s through us", peer, c.peers.cluster)
+    return web.json_response({
+        "cluster": c.peers.cluster, "node": node.node_id, "redis_url": redis_url, "redis_prefix": c.redis.prefix,
+        "storage": {"url": c.storage.url, "endpoint": c.storage.endpoint, "region": c.storage.region},
+    })
+
+
 def make_app(node: "Node") -> web.Application:
     """The API application of ``node``."""
     middlewares = [errors_middleware]
@@ -283,6 +318,8 @@ def make_app(node: "Node") -> web.Application:
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/jobs/{id}/transcript", transcript)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/peers", peers)
+    app.router.add_get("/v1/cluster/join", cluster_join)
     app.router.add_get("/metrics", node.metrics.handler(node))
     return app
 

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import aiohttp
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -13,6 +14,8 @@ from redis.exceptions import RedisError
 from cache.lru import FileCache
 from cache.s3 import S3Store, parse_storage_url
 from cache.store import LocalStore, ObjectStore
+from peers.discovery import Discovery
+from peers.membership import PeerInfo, RedisMembership
 from scheduler.intake import Intake
 from scheduler.keys import Keys
 from scheduler.queue import JobQueue
@@ -41,6 +44,22 @@ def _make_store(config: Config) -> ObjectStore:
                    part_size=s.part_size, parallel_parts=s.parallel_parts)
 
 
+def _public_url(host: str, port: int, advertised: tuple[str, ...]) -> str:
+    """How others reach us: the bound address, or for a wildcard bind the first non-loopback IPv4 address."""
+    if host not in ("0.0.0.0", "::"):
+        return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    for address in advertised or _ipv4_addresses():
+        return f"http://{address}:{port}"
+    return f"http://127.0.0.1:{port}"
+
+
+def _ipv4_addresses() -> list[str]:
+    import ifaddr
+
+    return [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+
+
 class Node:
     """One v2t node: API, queue, worker, pool, store, and (unconfigured) its embedded Redis."""
 
@@ -58,9 +77,12 @@ class Node:
         self._queue: JobQueue | None = None
         self._intake: Intake | None = None
         self.worker: Worker | None = None
+        self.discovery: Discovery | None = None
+        self.membership: RedisMembership | None = None
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self.url = ""
+        self.public_url = ""
         self.started_at: float | None = None
 
     async def start(self) -> None:
@@ -78,6 +100,14 @@ class Node:
         notify.ready(f"serving on {self.url}")
 
     async def _start(self) -> None:
+        # 0. Only a cluster secret: take the cluster's Redis and S3 endpoints from a peer first.
+        if self.config.needs_join:
+            from .join import join
+
+            self.config = await join(self.config)
+            self.store = _make_store(self.config)
+            self.file_cache = (FileCache(self.config.cache_dir, self.config.cache.max_bytes)
+                               if self.config.storage.url else None)
         c = self.config
         # 1. State directory.
         c.data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +150,44 @@ class Node:
             raise StartupError(f"cannot listen on {c.api.host}:{c.api.port}: {e.strerror}") from e
         host, port = site._server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
         self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        self.public_url = c.api.public_url.rstrip("/") or _public_url(host, port, c.peers.advertise_addresses)
+        # 7. Membership: mirrored in Redis (works without multicast), and over mDNS when a secret signs it.
+        self.membership = RedisMembership(self.redis, keys.node(""), self.node_id, c.peers.peer_ttl, self.peer_info)
+        await self.membership.start()
+        secret = c.cluster_secret
+        if c.peers.enabled and secret:
+            self.discovery = Discovery(c.peers, self.peer_info, secret)
+            await self.discovery.start()
+        elif c.peers.enabled:
+            log.info("no cluster secret (peers.secret_file): mDNS discovery off, membership via Redis only")
+
+    def peer_info(self) -> PeerInfo:
+        """This node as its peers see it (read at every advertisement and membership heartbeat)."""
+        w = self.worker
+        return PeerInfo(
+            node_id=self.node_id, cluster=self.config.peers.cluster, version=__version__, api_url=self.public_url,
+            slots_total=w.slots if w else 0, slots_free=w.free if w else 0, jobs_running=w.busy if w else 0,
+        )
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """Every node this one knows of, from mDNS and from the Redis mirror, itself included."""
+        merged: dict[str, dict[str, Any]] = {}
+
+        def add(p: PeerInfo, via: str) -> None:
+            row = merged.setdefault(p.node_id, {**msgspec.structs.asdict(p), "via": [], "self": False})
+            if via == "mdns" or not row["address"]:
+                row.update({k: v for k, v in msgspec.structs.asdict(p).items() if v not in ("", 0.0)})
+            row["via"].append(via)
+
+        if self.discovery is not None:
+            for p in self.discovery.peers():
+                add(p, "mdns")
+        if self.membership is not None:
+            for p in await self.membership.peers(include_self=True):
+                add(p, "redis")
+        me = merged.setdefault(self.node_id, {**msgspec.structs.asdict(self.peer_info()), "via": []})
+        me.update(msgspec.structs.asdict(self.peer_info()), self=True, last_seen=time.time())
+        return sorted(merged.values(), key=lambda r: (not r["self"], r["node_id"]))
 
     @property
     def queue(self) -> JobQueue:
@@ -169,18 +237,25 @@ class Node:
     async def close(self) -> None:
         """Shuts down in numbered steps; safe to call twice and after a failed start."""
         notify.stopping()
-        # 1. Stop accepting requests: in-flight ones get a short grace to finish.
+        # 1. Leave the cluster: goodbye over mDNS, our membership key deleted, so peers stop counting on us.
+        if self.discovery is not None:
+            await self.discovery.close()
+            self.discovery = None
+        if self.membership is not None:
+            await self.membership.close()
+            self.membership = None
+        # 2. Stop accepting requests: in-flight ones get a short grace to finish.
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        # 2. Stop taking work; running jobs finish within jobs.shutdown_grace, the rest go back to the queue.
+        # 3. Stop taking work; running jobs finish within jobs.shutdown_grace, the rest go back to the queue.
         if self.worker is not None:
             await self.worker.close()
             self.worker = None
-        # 3. Stop the pool processes.
+        # 4. Stop the pool processes.
         if self.pool is not None:
             await self.pool.close()
-        # 4. Close connections: outgoing HTTP, Redis, the store.
+        # 5. Close connections: outgoing HTTP, Redis, the store.
         if self._http is not None:
             await self._http.close()
         if self.redis is not None:
@@ -189,7 +264,7 @@ class Node:
         await self.store.close()
         if self.file_cache is not None:
             await self.file_cache.close()
-        # 5. Stop the embedded server last: everything above may still have written to it.
+        # 6. Stop the embedded server last: everything above may still have written to it.
         if self.embedded is not None:
             await self.embedded.close()
             self.embedded = None

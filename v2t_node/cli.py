@@ -37,7 +37,8 @@ def _flags(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "processes": ("pool", "processes"), "threads": ("pool", "threads"), "models_dir": ("models", "dir"),
         "url": ("client", "url"),
         "storage": ("storage", "url"), "s3_endpoint": ("storage", "endpoint"), "cache_dir": ("cache", "dir"),
-        "cache_max_bytes": ("cache", "max_bytes"),
+        "cache_max_bytes": ("cache", "max_bytes"), "cluster": ("peers", "cluster"),
+        "cluster_secret_file": ("peers", "secret_file"),
     }
     out: dict[str, dict[str, Any]] = {}
     for attr, (section, key) in mapping.items():
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint, e.g. http://minio:9000 (storage.endpoint)")
     s.add_argument("--cache-dir", help="LRU file cache directory (cache.dir)")
     s.add_argument("--cache-max-bytes", type=int, help="LRU file cache size bound (cache.max_bytes)")
+    s.add_argument("--cluster", help="cluster name (peers.cluster); nodes only see peers of their cluster")
+    s.add_argument("--cluster-secret-file", metavar="PATH",
+                   help="file holding the cluster secret (peers.secret_file): signs mDNS records; with no Redis "
+                        "and no S3 configured, the node joins the cluster it finds")
     s.add_argument("--log-level", help="debug, info, warning, error")
     s.set_defaults(func=cmd_start)
 
@@ -95,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--json", action="store_true", help="JSON output")
     j.add_argument("--url", help="the node's API")
     j.set_defaults(func=cmd_jobs)
+
+    pe = sub.add_parser("peers", help="the cluster as the node sees it")
+    pe.add_argument("--json", action="store_true", help="JSON output")
+    pe.add_argument("--url", help="the node's API")
+    pe.set_defaults(func=cmd_peers)
 
     m = sub.add_parser("models", help="manage whisper models").add_subparsers(dest="models_cmd", required=True,
                                                                                 metavar="ACTION")
@@ -313,6 +323,28 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
+
+
+# -- peers -------------------------------------------------------------------------------------------------------
+
+def cmd_peers(args: argparse.Namespace, config: Config) -> int:
+    return _run(list_peers(args, config))
+
+
+async def list_peers(args: argparse.Namespace, config: Config) -> int:
+    async with Client(config.client_url, config.api_token) as client:
+        body = await client.peers()
+    if args.json:
+        print(msgspec.json.encode(body).decode())
+        return OK
+    print(f"cluster {body['cluster']}")
+    print(f"{'NODE':<20} {'ADDRESS':<16} {'SLOTS':>7} {'RUNNING':>7} {'SEEN':>6}  {'VIA':<11} API")
+    now = time.time()
+    for p in body["peers"]:
+        seen = "self" if p["self"] else _age(now - p["last_seen"]) if p["last_seen"] else "-"
+        print(f"{p['node_id']:<20} {p['address'] or '-':<16} {p['slots_free']:>3}/{p['slots_total']:<3} "
+              f"{p['jobs_running']:>7} {seen:>6}  {','.join(p['via']):<11} {p['api_url']}")
+    return OK
 
 
 # -- models ------------------------------------------------------------------------------------------------------

@@ -84,5 +84,8 @@ class Client:
     async def transcript(self, job_id: str, fmt: str = "txt") -> bytes:
         return (await self._request("GET", f"/v1/jobs/{job_id}/transcript", params={"format": fmt}))[1]
 
+    async def peers(self) -> dict[str, Any]:
+        return msgspec.json.decode((await self._request("GET", "/v1/peers"))[1])
+
     async def cancel(self, job_id: str) -> Job:
         return msgspec.json.decode((await self._request("DELETE", f"/v1/jobs/{job_id}"))[1], type=Job)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from peers.settings import PeerSettings
 from scheduler.settings import JobSettings
 from transcoder.pool import PoolSettings
 
@@ -44,6 +45,9 @@ class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: A file holding the token (kept out of ``ps`` and of the environment).
     token_file: str = ""
     max_upload_bytes: Annotated[int, msgspec.Meta(gt=0)] = 4 << 30
+    #: The URL peers and clients reach this node at (advertised over mDNS). Default: ``http://<host>:<port>``,
+    #: with the first non-loopback IPv4 address when ``host`` is a wildcard.
+    public_url: str = ""
     #: Whether JSON submissions may name ``file://`` paths on this node's disk.
     allow_file_sources: bool = True
 
@@ -109,6 +113,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: ModelSettings = ModelSettings()
     pool: PoolSettings = PoolSettings()
     jobs: JobSettings = JobSettings()
+    peers: PeerSettings = PeerSettings()
     client: ClientSettings = ClientSettings()
 
     @property
@@ -144,6 +149,21 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             except OSError as e:
                 raise ConfigError(f"api.token_file: cannot read {self.api.token_file}: {e.strerror}") from e
         return self.api.token
+
+    @property
+    def cluster_secret(self) -> bytes:
+        """The secret that signs advertisements and peer requests; empty: no mDNS, no zero-config join."""
+        if self.peers.secret_file:
+            try:
+                return Path(self.peers.secret_file).read_bytes().strip()
+            except OSError as e:
+                raise ConfigError(f"peers.secret_file: cannot read {self.peers.secret_file}: {e.strerror}") from e
+        return self.peers.secret.encode()
+
+    @property
+    def needs_join(self) -> bool:
+        """No Redis and no S3 configured, but a cluster secret: take the cluster's endpoints from a peer."""
+        return not self.redis.url and not self.storage.url and bool(self.peers.secret or self.peers.secret_file)
 
     @property
     def client_url(self) -> str:

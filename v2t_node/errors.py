@@ -58,3 +58,16 @@ class SourceNotFound(BadRequest):
     """A ``source`` that does not exist or cannot be read."""
 
     code = "source_not_found"
+
+
+class JoinUnavailable(V2TError):
+    """This node cannot hand out the cluster's endpoints (its Redis is private to it)."""
+
+    code = "join_unavailable"
+    status = 409
+
+
+class JoinFailed(StartupError):
+    """A node with only a cluster secret found no peer that would let it join."""
+
+    code = "join_failed"
