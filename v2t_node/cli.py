@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file holding the cluster secret (peers.secret_file): signs mDNS records; with no Redis "
                         "and no S3 configured, the node joins the cluster it finds")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", default=argparse.SUPPRESS,
+                   help="override any config key (also accepted before the command)")
     s.set_defaults(func=cmd_start)
 
     t = sub.add_parser("transcribe", help="transcribe files (through the running node, or an in-process one)")
