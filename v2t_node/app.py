@@ -79,6 +79,7 @@ class Node:
         self.worker: Worker | None = None
         self.discovery: Discovery | None = None
         self.membership: RedisMembership | None = None
+        self._advertiser: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self.url = ""
@@ -160,6 +161,7 @@ class Node:
             await self.discovery.start()
         elif c.peers.enabled:
             log.info("no cluster secret (peers.secret_file): mDNS discovery off, membership via Redis only")
+        self._advertiser = asyncio.create_task(self._advertise_load(), name="advertise-load")
 
     def peer_info(self) -> PeerInfo:
         """This node as its peers see it (read at every advertisement and membership heartbeat)."""
@@ -168,6 +170,25 @@ class Node:
             node_id=self.node_id, cluster=self.config.peers.cluster, version=__version__, api_url=self.public_url,
             slots_total=w.slots if w else 0, slots_free=w.free if w else 0, jobs_running=w.busy if w else 0,
         )
+
+    async def _advertise_load(self) -> None:
+        """Republishes our free slots and running jobs when they change, so peers see our load."""
+        last = (-1, -1)
+        interval = max(0.5, self.config.peers.update_interval)
+        while True:
+            await asyncio.sleep(interval)
+            w = self.worker
+            now = (w.free, w.busy) if w else last
+            if now == last:
+                continue
+            last = now
+            try:
+                if self.discovery is not None:
+                    await self.discovery.update()
+                if self.membership is not None:
+                    await self.membership.update()
+            except (RedisError, OSError) as e:  # the membership heartbeat logs outages itself
+                log.debug("load advertisement failed: %s", e)
 
     async def peers(self) -> list[dict[str, Any]]:
         """Every node this one knows of, from mDNS and from the Redis mirror, itself included."""
@@ -238,6 +259,10 @@ class Node:
         """Shuts down in numbered steps; safe to call twice and after a failed start."""
         notify.stopping()
         # 1. Leave the cluster: goodbye over mDNS, our membership key deleted, so peers stop counting on us.
+        if self._advertiser is not None:
+            self._advertiser.cancel()
+            await asyncio.gather(self._advertiser, return_exceptions=True)
+            self._advertiser = None
         if self.discovery is not None:
             await self.discovery.close()
             self.discovery = None

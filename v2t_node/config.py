@@ -176,9 +176,21 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 SECTIONS = tuple(Config.__struct_fields__)
 
 
-def from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+def _list_keys() -> set[tuple[str, str]]:
+    """(section, key) of every list-valued key: given as ``a,b,c`` in the environment."""
+    keys = set()
+    for section, field_type in Config.__annotations__.items():
+        info = msgspec.inspect.type_info(field_type)
+        for f in getattr(info, "fields", ()):
+            if isinstance(f.type, (msgspec.inspect.VarTupleType, msgspec.inspect.ListType)):
+                keys.add((section, f.name))
+    return keys
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """``V2T_SECTION_KEY=value`` as a nested dict; ``V2T_CONFIG`` (the file) is not a key."""
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, Any]] = {}
+    lists = _list_keys()
     for name, value in env.items():
         if not name.startswith("V2T_") or name == "V2T_CONFIG":
             continue
@@ -187,7 +199,9 @@ def from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
         if section not in SECTIONS or not key:
             raise ConfigError(f"unknown environment variable {name}: expected V2T_<SECTION>_<KEY> with a section "
                               f"among {', '.join(SECTIONS)}")
-        out.setdefault(section, {})[key] = value
+        out.setdefault(section, {})[key] = (
+            [v.strip() for v in value.split(",") if v.strip()] if (section, key) in lists else value
+        )
     return out
 
 
