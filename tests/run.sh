@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for tool in espeak-ng:espeak-ng sox:sox ffmpeg:ffmpeg ip:iproute2; do
+for tool in espeak-ng:espeak-ng sox:sox ffmpeg:ffmpeg ip:iproute2 curl:curl; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
