@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -35,7 +35,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .errors import ObjectNotFound, StoreError
-from .store import check_key
+from .store import check_key, file_chunks, one_chunk
 
 log = logging.getLogger(__name__)
 
@@ -319,24 +319,11 @@ class S3Store:
 
     async def put_file(self, key: str, path: Path) -> int:
         """Uploads a local file (read in a thread, part by part); returns its size."""
-
-        async def chunks() -> AsyncIterator[bytes]:
-            f = await asyncio.to_thread(open, path, "rb")
-            try:
-                while chunk := await asyncio.to_thread(f.read, self.part_size):
-                    yield chunk
-            finally:
-                f.close()
-
-        return await self.put_stream(key, chunks())
+        return await self.put_stream(key, file_chunks(path, self.part_size))
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         """Writes ``data`` under ``key`` (multipart when it is large, like any stream)."""
-
-        async def one() -> AsyncIterator[bytes]:
-            yield data
-
-        await self.put_stream(key, one())
+        await self.put_stream(key, one_chunk(data))
 
     # -- reads ---------------------------------------------------------------------------------------------
 

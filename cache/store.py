@@ -8,7 +8,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +31,21 @@ class ObjectStore(Protocol):
     def local_path(self, key: str) -> Path | None: ...
     async def delete(self, key: str) -> None: ...
     async def exists(self, key: str) -> bool: ...
+
+
+async def file_chunks(path: Path, size: int = WRITE_BATCH) -> AsyncIterator[bytes]:
+    """A local file as chunks of ``size`` bytes, read in a thread (off the event loop)."""
+    f = await asyncio.to_thread(open, path, "rb")
+    try:
+        while chunk := await asyncio.to_thread(f.read, size):
+            yield chunk
+    finally:
+        f.close()
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    """``data`` as a stream of one chunk, for ``put_stream``."""
+    yield data
 
 
 def check_key(key: str) -> str:
@@ -98,18 +113,10 @@ class LocalStore:
         os.replace(tmp, dest)
 
     async def put_file(self, key: str, path: Path) -> int:
-        async def chunks() -> AsyncIterable[bytes]:
-            with open(path, "rb") as f:
-                while chunk := await asyncio.to_thread(f.read, WRITE_BATCH):
-                    yield chunk
-
-        return await self.put_stream(key, chunks())
+        return await self.put_stream(key, file_chunks(path))
 
     async def put_bytes(self, key: str, data: bytes) -> None:
-        async def one() -> AsyncIterable[bytes]:
-            yield data
-
-        await self.put_stream(key, one())
+        await self.put_stream(key, one_chunk(data))
 
     async def get_bytes(self, key: str) -> bytes:
         try:

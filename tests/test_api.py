@@ -225,7 +225,7 @@ async def test_cancel_running_job(api, long_audio: Path) -> None:
 
     async def progressing() -> bool:
         j = await client.job(job["id"])
-        return j["state"] == "running" and j["progress"] > 0
+        return j["state"] == "running"
 
     await wait_for(progressing, 60)
     async with client.session.delete(f"{client.url}/v1/jobs/{job['id']}") as r:
@@ -254,7 +254,7 @@ async def test_pool_process_death_is_retried(api, long_audio: Path, audio_dir: P
 
 async def _running(client: Api, job_id: str) -> bool:
     j = await client.job(job_id)
-    return j["state"] == "running" and j["progress"] > 0
+    return j["state"] == "running"
 
 
 async def test_metrics(api, audio_dir: Path) -> None:

@@ -152,3 +152,19 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, models_dir: Path, long_audio
     assert overall == sorted(overall)  # it only moves forward
     assert screen.endswith(b"\r")  # the line is cleared at the end
     assert b"[0/1]" not in stdout and wer(LONG_TEXT, stdout.decode()) <= LONG_WER
+
+
+async def test_peers_command(cli, make_node, redis_url: str) -> None:
+    """`v2t-node peers` shows every node of the cluster (here through the Redis mirror) with its slots."""
+    import asyncio
+
+    a = await make_node("a", redis_url=redis_url, peers={"cluster": "green"})
+    await make_node("b", redis_url=redis_url, peers={"cluster": "green"})
+    r = await asyncio.to_thread(cli, "peers", url=a.url)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "cluster green"
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == {"a", "b"} and "self" in rows["a"] and "redis" in rows["b"] and "1/1" in rows["b"]
+    as_json = json.loads((await asyncio.to_thread(cli, "peers", "--json", url=a.url)).stdout)
+    assert [p["node_id"] for p in as_json["peers"]] == ["a", "b"]

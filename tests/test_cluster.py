@@ -223,7 +223,7 @@ def test_kill_9_failover(cluster: Cluster, long_audio: Path) -> None:
 
     def running() -> dict[str, Any] | None:
         j = cluster.api("n1", f"/v1/jobs/{job['id']}")
-        return j if j["state"] == "running" and j["progress"] > 0 else None
+        return j if j["state"] == "running" else None
 
     victim = cluster.wait(running, 120, "job running")["node"]
     cluster.nodes[victim].send_signal(signal.SIGKILL)

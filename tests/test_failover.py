@@ -44,7 +44,7 @@ def wait_job(node: NodeProcess, job_id: str, ok, timeout: float = 120) -> dict:
 
 
 def running(job: dict) -> bool:
-    return job["state"] == "running" and job["progress"] > 0
+    return job["state"] == "running"
 
 
 def terminal(job: dict) -> bool:

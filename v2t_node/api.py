@@ -7,6 +7,7 @@ translate HTTP to calls on the node's components; the work happens in ``schedule
 import asyncio
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from aiohttp import web
 from prometheus_async.aio import time as timed
 from redis.exceptions import RedisError
 
+from cache.store import file_chunks
 from peers.signing import check_token
 from scheduler.job import JOB_ID, Job
 from transcoder.formats import CONTENT_TYPES, FORMATS, render
@@ -192,23 +194,15 @@ async def _submit_json(request: web.Request, node: "Node", idem: str | None) -> 
         path = Path(unquote(url.path))
         if not path.is_file():
             raise SourceNotFound(f"{body.source}: no such file on node {node.node_id}")
-        chunks, filename = _file_chunks(path), path.name
+        if not os.access(path, os.R_OK):
+            raise SourceNotFound(f"{body.source}: not readable by node {node.node_id} (permissions)")
+        chunks, filename = file_chunks(path, 1 << 20), path.name
     elif url.scheme in ("http", "https"):
         chunks, filename = _http_chunks(node, body.source), Path(url.path).name or "download"
     else:
         raise UnsupportedSource(f"source scheme {url.scheme or '(none)'!r} is not supported: use file://, http(s)://")
     return await node.intake.submit(chunks, filename=filename, model=model, language=language, job_id=job_id,
                                     idempotency_key=idem)
-
-
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise SourceNotFound(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        while chunk := await asyncio.to_thread(f.read, 1 << 20):
-            yield chunk
 
 
 async def _http_chunks(node: "Node", url: str) -> AsyncIterator[bytes]:
