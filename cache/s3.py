@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -367,6 +367,20 @@ class S3Store:
             raise
         self.gets += 1
         return dest
+
+    async def stream_url(self, url: str) -> AsyncIterator[bytes]:
+        """The object at ``s3://BUCKET/KEY`` (any bucket this store's endpoint and credentials can read), as
+        chunks: for submissions that name audio already in object storage."""
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise ObjectNotFound(f"{url}: expected s3://BUCKET/KEY")
+        resp = await self._call("get_object", url, Bucket=bucket, Key=key)
+        try:
+            async with resp["Body"] as body:
+                async for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+                    yield chunk
+        except _CLIENT_ERRORS as e:
+            raise self._translate(e, "get_object", url) from e
 
     def local_path(self, key: str) -> Path | None:
         """Always None: nothing of a remote store is on local disk (callers then ``fetch``)."""

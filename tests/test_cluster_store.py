@@ -119,3 +119,28 @@ async def test_peers_endpoint_and_join_authentication(make_node, redis_url: str,
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{a.url}/v1/peers") as r:
             assert [p["node_id"] for p in (await r.json())["peers"]] == ["a"]  # b left cleanly
+
+
+async def test_s3_source(make_node, redis_url: str, s3_bucket, audio_dir: Path) -> None:
+    """A JSON submission naming audio already in the bucket (s3://) is streamed from it; a missing key is a 400."""
+    from .s3_fixtures import s3_client
+
+    endpoint, bucket = s3_bucket
+    async with s3_client(endpoint) as client:
+        await client.put_object(Bucket=bucket, Key="inbox/garden.wav", Body=(audio_dir / "garden.wav").read_bytes())
+    node = await make_node("s3src", redis_url=redis_url, storage={"url": f"s3://{bucket}/v2t", "endpoint": endpoint})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{node.url}/v1/jobs", json={"source": f"s3://{bucket}/inbox/missing.wav"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "source_not_found"
+        async with session.post(f"{node.url}/v1/jobs", json={"source": f"s3://{bucket}/inbox/garden.wav"}) as r:
+            created = await r.json()
+            assert r.status == 202, created
+        assert created["filename"] == "garden.wav"
+
+        async def done() -> dict | None:
+            j = await job(session, node.url, created["id"])
+            return j if j["state"] == "completed" else None
+
+        await wait_for(done, 120)
+        async with session.get(f"{node.url}/v1/jobs/{created['id']}/transcript?format=txt") as r:
+            assert wer(SENTENCES["garden"], await r.text()) <= 0.25

@@ -19,6 +19,8 @@ from aiohttp import web
 from prometheus_async.aio import time as timed
 from redis.exceptions import RedisError
 
+from cache.errors import ObjectNotFound
+from cache.s3 import S3Store
 from cache.store import file_chunks
 from peers.signing import check_token
 from scheduler.job import JOB_ID, Job
@@ -197,12 +199,26 @@ async def _submit_json(request: web.Request, node: "Node", idem: str | None) -> 
         if not os.access(path, os.R_OK):
             raise SourceNotFound(f"{body.source}: not readable by node {node.node_id} (permissions)")
         chunks, filename = file_chunks(path, 1 << 20), path.name
+    elif url.scheme == "s3":
+        if not isinstance(node.store, S3Store):
+            raise UnsupportedSource("s3:// sources need an S3 object store on this node (storage.url)")
+        chunks, filename = _s3_chunks(node.store, body.source), Path(url.path).name or "object"
     elif url.scheme in ("http", "https"):
         chunks, filename = _http_chunks(node, body.source), Path(url.path).name or "download"
     else:
-        raise UnsupportedSource(f"source scheme {url.scheme or '(none)'!r} is not supported: use file://, http(s)://")
+        raise UnsupportedSource(
+            f"source scheme {url.scheme or '(none)'!r} is not supported: use file://, s3:// or http(s)://"
+        )
     return await node.intake.submit(chunks, filename=filename, model=model, language=language, job_id=job_id,
                                     idempotency_key=idem)
+
+
+async def _s3_chunks(store: S3Store, url: str) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in store.stream_url(url):
+            yield chunk
+    except ObjectNotFound as e:
+        raise SourceNotFound(str(e)) from None
 
 
 async def _http_chunks(node: "Node", url: str) -> AsyncIterator[bytes]:
