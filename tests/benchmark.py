@@ -1,6 +1,9 @@
-"""The benchmark behind ``bench.sh``: a node's batch throughput against the bare engine, and submission latency.
+"""The benchmark behind ``bench.sh``: the node against the bare engine, the file cache against the object store,
+and two nodes against one. Every figure is a ratio of two things measured in the same run on this machine.
 
-What it measures, all in one run on this machine (DESIGN.md, "Performance targets"):
+Sections (``--sections``, default all, in this order):
+
+**engine** (DESIGN.md, "Performance targets"):
 
 1. **Bare engine**: pywhispercpp in a plain loop over the batch, with every core as inference threads and the
    node's decoding parameters; each file is decoded with ``transcoder.decode.decode`` first, so both sides pay
@@ -13,10 +16,17 @@ What it measures, all in one run on this machine (DESIGN.md, "Performance target
 4. **Submission latency**: ``POST /v1/jobs`` of one small file the node has already transcribed (a result cache
    hit), paced open-loop at a fixed rate, on a node left idle after its batch.
 
+**cache** (``tests/bench_cache.py``): a 50 MiB object leased from a warm LRU file cache (and read through)
+against the same object fetched from S3 (moto's server) into a cold one; ratio = fetch time / hit time.
+
+**scaling** (``tests/bench_scaling.py``): the batch through two nodes pinned to a core each (1 process x 1
+thread, one shared valkey and objects directory) against one such node, interleaved; ratio = 2-node throughput
+/ 1-node throughput (ideal 2.0), with how the jobs split between the nodes.
+
 The audio (espeak-ng speech, sox-concatenated to 5-60 s, as WAV, MP3 and M4A) and the tiny.en ggml are made once
 into ``~/.cache/v2t-node-bench`` (``$XDG_CACHE_HOME`` honoured), keyed by a hash of what shapes them. Everything
-talks to 127.0.0.1 only; nodes are stopped (SIGTERM, then SIGKILL to their process group) and their directories
-removed even when the run fails or is interrupted.
+talks to 127.0.0.1 only; nodes and servers are stopped (SIGTERM, then SIGKILL to their process group) and their
+directories removed even when the run fails or is interrupted (``tests/bench_node.py``).
 """
 
 from __future__ import annotations
@@ -29,17 +39,13 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import wave
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -47,6 +53,10 @@ from typing import Any
 
 import aiohttp
 
+from tests import bench_cache, bench_scaling
+from tests.bench_cache import CacheResult
+from tests.bench_node import form, run_batch, running_node, upload, wait_done
+from tests.bench_scaling import ScalingReport
 from transcoder.decode import SAMPLE_RATE, decode
 from transcoder.engine import BASE_PARAMS
 from transcoder.pool import PoolSettings
@@ -292,159 +302,7 @@ def parse_configs(spec: str) -> list[PoolConfig]:
     return configs
 
 
-@dataclass
-class NodeHandle:
-    """A running ``v2t-node start`` subprocess."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _node_env() -> dict[str, str]:
-    """The environment without ``V2T_*`` settings, so "default" is the node's built-in default."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("V2T_")}
-
-
-@contextmanager
-def running_node(config: PoolConfig, models_dir: Path, workdir: Path, start_timeout: float = 120.0
-                 ) -> Iterator[NodeHandle]:
-    """Starts a node on a fresh data directory and a free port; always stops it and removes the directory."""
-    run_dir = Path(tempfile.mkdtemp(prefix="node-", dir=workdir))
-    port = _free_port()
-    log = run_dir / "node.log"
-    cmd = [sys.executable, "-m", "v2t_node", "--data-dir", str(run_dir / "data"), "--models-dir", str(models_dir),
-           "start", "--host", "127.0.0.1", "--port", str(port), "--node-id", "bench", *config.flags()]
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        with open(log, "wb") as log_file:
-            # Its own session: a Ctrl-C reaches us, not the node, and the group can be killed as a whole.
-            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=_node_env(), start_new_session=True)
-        # bench.sh's trap stops a node whose benchmark process was killed before it could.
-        (run_dir / "node.pid").write_text(str(process.pid))
-        url = f"http://127.0.0.1:{port}"
-        health = _wait_healthy(url, process, log, start_timeout)
-        pool = (health["pool"]["size"], health["pool"]["threads"])
-        if pool != config.resolved:
-            raise RuntimeError(f"asked for a {config.label} pool, the node runs {pool[0]}x{pool[1]}")
-        yield NodeHandle(url, process, log)
-    finally:
-        if process is not None:
-            _stop(process)
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> dict[str, Any]:
-    """Polls ``/v1/health`` until the node says ok; returns what it said."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the node exited with code {process.returncode} while starting:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{url}/v1/health", timeout=2) as resp:
-                health = json.load(resp)
-                if resp.status == 200 and health.get("status") == "ok":
-                    return dict(health)
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the node was not healthy within {timeout:g}s:\n{_tail(log)}")
-
-
-def _stop(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    """SIGTERM (the node's graceful shutdown), then SIGKILL to its whole process group (pool, embedded server)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            print(f"warning: node {process.pid} did not stop within {grace:g}s; killing it", file=sys.stderr)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left; the group is ours alone
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-# -- the node's side: batch and latency --------------------------------------------------------------------------
-
-#: How often the batch's jobs are listed while it runs. The wall time comes from the jobs' ``finished_at``, not
-#: from the poll, so polling is kept sparse: it competes with the node for the same cores.
-POLL_INTERVAL_S = 0.25
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """One node run."""
-
-    wall: float
-    """First upload to the last job's ``finished_at``."""
-    uploads: float
-    """First upload to the last 202."""
-
-
-def _form(name: str, data: bytes) -> aiohttp.FormData:
-    form = aiohttp.FormData()
-    form.add_field("file", data, filename=name, content_type="application/octet-stream")
-    return form
-
-
-async def _upload(session: aiohttp.ClientSession, url: str, name: str, data: bytes) -> dict[str, Any]:
-    async with session.post(f"{url}/v1/jobs", data=_form(name, data)) as resp:
-        body = await resp.json()
-        if resp.status not in (200, 202):
-            raise RuntimeError(f"POST /v1/jobs {name}: HTTP {resp.status}: {body}")
-        return dict(body)
-
-
-async def run_batch(url: str, files: Sequence[AudioFile], timeout: float) -> BatchResult:
-    """Uploads every file at once, then waits until every job completed; fails on any other end state."""
-    payloads = [(f.path.name, f.path.read_bytes()) for f in files]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        t0 = time.time()
-        jobs = await asyncio.gather(*(_upload(session, url, n, d) for n, d in payloads))
-        uploaded = time.time()
-        cached = [j["filename"] for j in jobs if j.get("cached")]
-        if cached:
-            raise RuntimeError(f"result cache hits on a fresh node ({cached}): the batch files are not distinct")
-        finished = await _wait_done(session, url, {j["id"] for j in jobs}, t0 + timeout)
-    # finished_at is the node's clock, which is this machine's; guard against nonsense all the same.
-    last = max(finished)
-    end = last if t0 <= last <= time.time() + 1 else time.time()
-    return BatchResult(wall=end - t0, uploads=uploaded - t0)
-
-
-async def _wait_done(session: aiohttp.ClientSession, url: str, ids: set[str], deadline: float) -> list[float]:
-    """Polls the job list until every job in ``ids`` is terminal; returns their ``finished_at``."""
-    while True:
-        async with session.get(f"{url}/v1/jobs", params={"limit": str(min(1000, len(ids) + 10))}) as resp:
-            resp.raise_for_status()
-            listed = {j["id"]: j for j in (await resp.json())["jobs"] if j["id"] in ids}
-        terminal = [j for j in listed.values() if j["state"] in ("completed", "failed", "cancelled")]
-        if len(terminal) == len(ids):
-            bad = [f"{j['filename']}: {j['state']} {j.get('error')}" for j in terminal if j["state"] != "completed"]
-            if bad:
-                raise RuntimeError("jobs did not complete: " + "; ".join(bad))
-            return [float(j["finished_at"] or time.time()) for j in terminal]
-        if time.time() > deadline:
-            states = sorted(f"{j['filename']}={j['state']}" for j in listed.values())
-            raise RuntimeError(f"the batch did not finish in time: {', '.join(states)}")
-        await asyncio.sleep(POLL_INTERVAL_S)
-
+# -- the node's side: submission latency -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LatencyResult:
@@ -473,8 +331,8 @@ async def measure_latency(url: str, clip: AudioFile, count: int, rate: float) ->
     """
     data = clip.path.read_bytes()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        first = await _upload(session, url, clip.path.name, data)
-        await _wait_done(session, url, {first["id"]}, time.time() + 120)
+        first = await upload(session, url, clip.path.name, data)
+        await wait_done(session, url, {first["id"]}, time.time() + 120)
         latencies: list[float] = []
         errors = 0
 
@@ -482,7 +340,7 @@ async def measure_latency(url: str, clip: AudioFile, count: int, rate: float) ->
             nonlocal errors
             t = time.perf_counter()
             try:
-                async with session.post(f"{url}/v1/jobs", data=_form(clip.path.name, data)) as resp:
+                async with session.post(f"{url}/v1/jobs", data=form(clip.path.name, data)) as resp:
                     await resp.read()
                     ok = resp.status in (200, 202)
             except aiohttp.ClientError:
@@ -605,9 +463,7 @@ def print_summary(report: Report, configs: Sequence[PoolConfig]) -> None:
     print()
     _print_pool_verdict(report, configs, by_config, best)
     _print_latency(report.latency)
-    if report.other_cores is not None:
-        noisy = "  -- the figures are noisy" if report.other_cores > NOISY_CORES else ""
-        print(f"other processes used {report.other_cores:.2f} of {report.cores} cores during the run{noisy}")
+    print_noise(report.other_cores)
 
 
 def _print_pool_verdict(report: Report, configs: Sequence[PoolConfig], rows: dict[PoolConfig, Summary],
@@ -650,6 +506,13 @@ NOISY_CORES = 0.1
 MIN_NOISE = 0.02
 
 
+def print_noise(other_cores: float | None) -> None:
+    """The line that says how busy the machine was with other work while a section ran."""
+    if other_cores is not None:
+        noisy = "  -- the figures are noisy" if other_cores > NOISY_CORES else ""
+        print(f"other processes used {other_cores:.2f} of {os.cpu_count() or 1} cores during the section{noisy}")
+
+
 class CpuMeter:
     """How much CPU processes other than this one and its descendants use (Linux ``/proc/stat``)."""
 
@@ -679,19 +542,50 @@ class CpuMeter:
 
 # -- main ------------------------------------------------------------------------------------------------------------
 
+#: The sections, in the order they run.
+SECTIONS = ("engine", "cache", "scaling")
+
+
+@dataclass
+class Results:
+    """Everything one benchmark run measured, by section; None for a section not run (``--json`` writes it)."""
+
+    sections: list[str]
+    engine: Report | None = None
+    cache: CacheResult | None = None
+    scaling: ScalingReport | None = None
+
+
+def parse_sections(spec: str) -> list[str]:
+    """``engine,cache`` → the sections to run, in their fixed order."""
+    asked = {s.strip() for s in spec.split(",") if s.strip()}
+    unknown = asked - set(SECTIONS)
+    if unknown or not asked:
+        raise ValueError(f"bad --sections {spec!r}: name one or more of {','.join(SECTIONS)}")
+    return [s for s in SECTIONS if s in asked]
+
+
 def build_parser() -> argparse.ArgumentParser:
     cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(prog="bench.sh", description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1",
-                   help="a smaller batch, fewer rounds and configurations (also BENCH_QUICK=1)")
-    p.add_argument("--rounds", type=int, help="node runs per configuration (default 3, quick 2)")
-    p.add_argument("--configs", help=f"pool configurations, PROCESSESxTHREADS or default "
+                   help="a smaller batch, fewer rounds, configurations and repetitions (also BENCH_QUICK=1)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"what to run, comma-separated (default: all of {','.join(SECTIONS)})")
+    p.add_argument("--rounds", type=int, help="engine: node runs per configuration; scaling: 2-node runs "
+                                              "(default 3, quick 2)")
+    p.add_argument("--configs", help=f"engine: pool configurations, PROCESSESxTHREADS or default "
                                      f"(default: default,1x{cores},{cores}x1,1x1; quick: without 1x1)")
-    p.add_argument("--latency-requests", type=int, default=400, help="submissions in the latency test (0: skip)")
-    p.add_argument("--latency-rate", type=float, default=200.0, help="their rate, per second")
-    p.add_argument("--timeout", type=float, help="seconds one node run may take (default 60 + 4 x audio)")
+    p.add_argument("--latency-requests", type=int, default=400,
+                   help="engine: submissions in the latency test (0: skip)")
+    p.add_argument("--latency-rate", type=float, default=200.0, help="engine: their rate, per second")
+    p.add_argument("--cache-repeats", type=int, help="cache: misses and hits timed (default 5, quick 3)")
+    p.add_argument("--cache-mib", type=int, default=bench_cache.DEFAULT_SIZE >> 20,
+                   help="cache: size of the object in MiB (default %(default)s)")
+    p.add_argument("--timeout", type=float, help="seconds one batch run may take (default 60 + 4 x audio)")
     p.add_argument("--json", type=Path, help="also write the results here as JSON")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a performance target is missed")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a performance target is missed "
+                                                         "(engine: node/bare >= 1, latency p99 <= 5 ms)")
     return p
 
 
@@ -704,17 +598,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # run the finally blocks: stop nodes, remove directories
     cores = os.cpu_count() or 1
     try:
+        sections = parse_sections(args.sections)
         configs = parse_configs(args.configs or (f"default,1x{cores},{cores}x1" + ("" if args.quick else ",1x1")))
     except ValueError as e:
         print(f"bench.sh: {e}", file=sys.stderr)
         return 2
     rounds = args.rounds or (2 if args.quick else 3)
-    if rounds < 1:
-        print("bench.sh: --rounds must be at least 1", file=sys.stderr)
+    repeats = args.cache_repeats or (3 if args.quick else 5)
+    if rounds < 1 or repeats < 1 or args.cache_mib < 1:
+        print("bench.sh: --rounds, --cache-repeats and --cache-mib must be at least 1", file=sys.stderr)
+        return 2
+    if "scaling" in sections and len(bench_scaling.cores()) < 2:
+        print("bench.sh: the scaling section needs two cores; leave it out with --sections", file=sys.stderr)
         return 2
     workdir = Path(os.environ.get("BENCH_WORKDIR") or tempfile.mkdtemp(prefix="v2t-bench-"))
     try:
-        report = benchmark(args, configs, rounds, workdir)
+        results = benchmark(args, sections, configs, rounds, repeats, workdir)
     except KeyboardInterrupt:
         print("\nbench.sh: interrupted", file=sys.stderr)
         return 130
@@ -725,15 +624,47 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("BENCH_WORKDIR"):
             shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=1, default=str))
-    missed = report.best_ratio < 1 or (report.latency is not None and report.latency.p99_ms > 5)
+        args.json.write_text(json.dumps(asdict(results), indent=1, default=str))
+    engine = results.engine
+    missed = engine is not None and (engine.best_ratio < 1 or (engine.latency is not None
+                                                               and engine.latency.p99_ms > 5))
     return 1 if args.strict and missed else 0
 
 
-def benchmark(args: argparse.Namespace, configs: Sequence[PoolConfig], rounds: int, workdir: Path) -> Report:
+def benchmark(args: argparse.Namespace, sections: Sequence[str], configs: Sequence[PoolConfig], rounds: int,
+              repeats: int, workdir: Path) -> Results:
+    """Runs the chosen sections in turn, printing each one's report as it ends and the ratios of all at the end."""
+    results = Results(list(sections))
+    files: list[AudioFile] = []
+    clip: AudioFile | None = None
+    if "engine" in results.sections or "scaling" in results.sections:
+        files, clip = corpus(QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    audio = sum(f.seconds for f in files)
+    if "engine" in results.sections and clip is not None:
+        results.engine = engine_section(args, configs, rounds, files, clip, workdir)
+    if "cache" in results.sections:
+        meter = CpuMeter()
+        results.cache = bench_cache.run(workdir, repeats, args.cache_mib << 20)
+        print()
+        bench_cache.print_result(results.cache)
+        print_noise(meter.other_cores())
+    if "scaling" in results.sections:
+        models_dir, _ = model_path()
+        timeout = args.timeout or 60 + 4 * audio
+        meter = CpuMeter()
+        results.scaling = bench_scaling.run([f.path for f in files], audio, models_dir, workdir, rounds, timeout)
+        results.scaling.other_cores = meter.other_cores()
+        print()
+        bench_scaling.print_report(results.scaling)
+        print_noise(results.scaling.other_cores)
+    print_ratios(results)
+    return results
+
+
+def engine_section(args: argparse.Namespace, configs: Sequence[PoolConfig], rounds: int, files: Sequence[AudioFile],
+                   clip: AudioFile, workdir: Path) -> Report:
     """Runs bare, every configuration, bare, ... for ``rounds`` rounds and prints each run as it ends."""
     cores = os.cpu_count() or 1
-    files, clip = corpus(QUICK_LENGTHS if args.quick else FULL_LENGTHS)
     models_dir, ggml = model_path()
     audio = sum(f.seconds for f in files)
     formats = {fmt: sum(f.format == fmt for f in files) for fmt in FORMATS}
@@ -742,6 +673,7 @@ def benchmark(args: argparse.Namespace, configs: Sequence[PoolConfig], rounds: i
     report = Report(cores, len(files), audio, formats, f"bare ({cores} thr)")
     meter = CpuMeter()
     timeout = args.timeout or 60 + 4 * audio
+    paths = [f.path for f in files]
 
     def bare_run(round_no: int) -> None:
         report.runs.append(Run(round_no, report.bare_label, bare.run(files), audio))
@@ -750,8 +682,8 @@ def benchmark(args: argparse.Namespace, configs: Sequence[PoolConfig], rounds: i
     for round_no in range(1, rounds + 1):
         bare_run(round_no)
         for config in configs:
-            with running_node(config, models_dir, workdir) as node:
-                result = asyncio.run(run_batch(node.url, files, timeout))
+            with running_node(models_dir, workdir, args=config.flags(), pool=config.resolved) as node:
+                result = asyncio.run(run_batch(node.url, paths, timeout))
                 report.runs.append(Run(round_no, config.label, result.wall, audio, result.uploads))
                 if round_no == 1 and config is configs[0] and args.latency_requests > 0:
                     report.latency = asyncio.run(
@@ -761,12 +693,36 @@ def benchmark(args: argparse.Namespace, configs: Sequence[PoolConfig], rounds: i
     report.other_cores = meter.other_cores()
     _bracketing_ratios(report)
     print()
-    print(f"v2t-node benchmark: {len(files)} files, {audio:.1f} s of audio "
+    print(f"engine: node vs bare engine, {len(files)} files, {audio:.1f} s of audio "
           f"({', '.join(f'{n} {fmt}' for fmt, n in formats.items())}), model {DEFAULT_MODEL}, {cores} cores, "
           f"{rounds} round(s)")
     print_runs(report)
     print_summary(report, configs)
     return report
+
+
+def print_ratios(results: Results) -> None:
+    """The headline ratio of every section that ran, together: mean of the runs' ratios, and best runs'."""
+    rows: list[tuple[str, str, str, str]] = []
+    if (engine := results.engine) is not None:
+        row = summarize(engine, engine.best)
+        verdict = "met" if engine.best_ratio >= 1 else "MISSED"
+        rows.append((f"node / bare engine throughput ({engine.best})", f"{row.mean_ratio:.2f}",
+                     f"{engine.best_ratio:.2f}", f"target >= 1: {verdict}"))
+    if (cache := results.cache) is not None:
+        rows.append((f"object-store fetch / cache hit, time ({cache.size >> 20} MiB)", f"{cache.ratio_mean:.1f}",
+                     f"{cache.ratio_best:.1f}", "S3 = moto; hit = lease + read"))
+    if (scaling := results.scaling) is not None:
+        rows.append(("2 nodes / 1 node throughput (1 core each)", f"{scaling.mean_ratio:.2f}",
+                     f"{scaling.best_ratio:.2f}", "ideal 2.0"))
+    print()
+    print(f"ratios, all measured in this run on {os.cpu_count() or 1} cores (mean of the runs; best runs):")
+    for label, mean, best, note in rows:
+        print(f"  {label:<48} {mean:>6} {best:>6}   {note}")
+    if engine is not None and engine.latency is not None:
+        lat = engine.latency
+        verdict = "met" if lat.p99_ms <= 5 and lat.errors == 0 else "MISSED"
+        print(f"  {'submission latency p99, ms':<48} {lat.p99_ms:>6.2f} {'':>6}   target <= 5 ms: {verdict}")
 
 
 def _progress(run: Run) -> None:
