@@ -175,7 +175,7 @@ class _RecordListener(RecordUpdateListener):
         self._discovery._on_records(now, records)
 
     def async_update_records_complete(self) -> None:
-        pass
+        """Nothing to do once a batch is in: each record was handled as it arrived."""
 
 
 class Discovery:

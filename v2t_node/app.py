@@ -34,14 +34,15 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-def _make_store(config: Config) -> ObjectStore:
-    """S3 when ``storage.url`` is set, else files under the data directory."""
+def _make_store(config: Config) -> tuple[ObjectStore, FileCache | None]:
+    """S3 with a local file cache in front when ``storage.url`` is set, else files under the data directory."""
     s = config.storage
     if not s.url:
-        return LocalStore(config.storage_dir)
+        return LocalStore(config.storage_dir), None
     bucket, prefix = parse_storage_url(s.url)
-    return S3Store(bucket, prefix, endpoint_url=s.endpoint or None, region=s.region or None,
-                   part_size=s.part_size, parallel_parts=s.parallel_parts)
+    store = S3Store(bucket, prefix, endpoint_url=s.endpoint or None, region=s.region or None,
+                    part_size=s.part_size, parallel_parts=s.parallel_parts)
+    return store, FileCache(config.cache_dir, config.cache.max_bytes)
 
 
 def _public_url(host: str, port: int, advertised: tuple[str, ...]) -> str:
@@ -69,9 +70,8 @@ class Node:
         self.metrics = Metrics()
         self.embedded: EmbeddedRedis | None = None
         self.redis: aioredis.Redis | None = None
-        self.store: ObjectStore = _make_store(config)
-        #: Local copies of remote audio (only for a store without local paths).
-        self.file_cache = FileCache(config.cache_dir, config.cache.max_bytes) if config.storage.url else None
+        #: The object store, and local copies of remote audio (only for a store without local paths).
+        self.store, self.file_cache = _make_store(config)
         self.models = ModelRegistry(config.models_dir, base_url=config.models.base_url)
         self.pool: TranscriberPool | None = None
         self._queue: JobQueue | None = None
@@ -106,9 +106,7 @@ class Node:
             from .join import join
 
             self.config = await join(self.config)
-            self.store = _make_store(self.config)
-            self.file_cache = (FileCache(self.config.cache_dir, self.config.cache.max_bytes)
-                               if self.config.storage.url else None)
+            self.store, self.file_cache = _make_store(self.config)
         c = self.config
         # 1. State directory.
         c.data_dir.mkdir(parents=True, exist_ok=True)
